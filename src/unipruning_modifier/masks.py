@@ -1,0 +1,169 @@
+"""Masks from saliency: unstructured (layer / row / global budget) and N:M.
+
+A mask is a bool tensor shaped like the weight, True where the weight is kept. Rankings take
+a list of keys, most significant first, each "larger is kept first"; later keys only break
+ties of earlier ones (e.g. |Gamma| first, then the mean anchor for weights Gamma left at 0).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+
+ALLOCATIONS = ("layer", "row", "global")
+NM_ORDERS = ("gamma", "first_step")
+
+_MASK_STRUCTURE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
+    """"unstructured" / "0:0" -> (0, 0); "N:M" -> (N, M) with 0 < N < M (N weights kept per M)."""
+    text = str(mask_structure).strip().lower()
+    if text == "unstructured":
+        return 0, 0
+    match = _MASK_STRUCTURE.match(text)
+    if not match:
+        raise ValueError(
+            f"mask_structure must be 'unstructured', '0:0' or 'N:M' such as '2:4', got {mask_structure!r}"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if (n, m) == (0, 0):
+        return 0, 0
+    if not 0 < n < m:
+        raise ValueError(
+            f"mask_structure {mask_structure!r}: N:M keeps N weights in every M, so 0 < N < M is "
+            "required (e.g. '2:4', '4:8')"
+        )
+    return n, m
+
+
+def kept_count(total: int, sparsity: float) -> int:
+    """Weights kept out of ``total`` at ``sparsity``: ceil((1 - p) * total)."""
+    return min(total, math.ceil(round((1.0 - sparsity) * total, 6)))
+
+
+def rank_descending(keys: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """Indices that sort along ``dim`` by keys[0] descending, ties by keys[1], ... (stable)."""
+    order = None
+    for key in reversed(list(keys)):
+        values = key if order is None else key.gather(dim, order)
+        step = torch.sort(values, dim=dim, descending=True, stable=True).indices
+        order = step if order is None else order.gather(dim, step)
+    return order
+
+
+def _keep_first(keys: Sequence[torch.Tensor], keep: int, dim: int = -1) -> torch.Tensor:
+    mask = torch.zeros_like(keys[0], dtype=torch.bool)
+    if keep > 0:
+        top = rank_descending(keys, dim).narrow(dim, 0, keep)
+        mask.scatter_(dim, top, True)
+    return mask
+
+
+def unstructured_mask(keys: Sequence[torch.Tensor], sparsity: float | None = None, keep: int | None = None) -> torch.Tensor:
+    """Keep the ``keep`` (or ceil((1-p)*numel)) highest-ranked weights of the whole layer."""
+    shape = keys[0].shape
+    flat = [k.reshape(-1) for k in keys]
+    if keep is None:
+        keep = kept_count(flat[0].numel(), sparsity)
+    return _keep_first(flat, keep).reshape(shape)
+
+
+def row_mask(keys: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
+    """Keep ceil((1-p)*in) highest-ranked weights in every output row."""
+    return _keep_first(list(keys), kept_count(keys[0].shape[-1], sparsity), dim=-1)
+
+
+def nm_mask(keys: Sequence[torch.Tensor], n: int, m: int) -> torch.Tensor:
+    """Keep the n highest-ranked weights in each group of m consecutive inputs of a row."""
+    rows, cols = keys[0].shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} needs the input size to be a multiple of {m}, got {cols}")
+    grouped = [k.reshape(rows, cols // m, m) for k in keys]
+    return _keep_first(grouped, n, dim=-1).reshape(rows, cols)
+
+
+def first_step_key(first_step: torch.Tensor) -> torch.Tensor:
+    """Ranking key from first_step: earlier entry ranks higher, never-entered (-1) last."""
+    never = torch.iinfo(torch.int32).max
+    steps = torch.where(first_step < 0, torch.full_like(first_step, never), first_step)
+    return -steps.to(torch.float64)
+
+
+def saliency_keys(
+    gamma: torch.Tensor,
+    anchor_mean: torch.Tensor | None = None,
+    first_step: torch.Tensor | None = None,
+    nm_order: str = "gamma",
+) -> list[torch.Tensor]:
+    """The ranking keys of the algorithm: |Gamma|, then the mean anchor.
+
+    With ``nm_order="first_step"`` the order of entry into the path comes first.
+    """
+    if nm_order not in NM_ORDERS:
+        raise ValueError(f"nm_order must be one of {NM_ORDERS}, got {nm_order!r}")
+    keys = [gamma.abs().float()]
+    if anchor_mean is not None:
+        keys.append(anchor_mean.abs().float())
+    if nm_order == "first_step":
+        if first_step is None:
+            raise ValueError("nm_order='first_step' needs first_step")
+        keys.insert(0, first_step_key(first_step))
+    return keys
+
+
+def _bf16_bins(values: torch.Tensor) -> torch.Tensor:
+    """Monotone integer codes of non-negative values (their bf16 bit patterns)."""
+    return values.abs().to(torch.bfloat16).view(torch.int16).to(torch.int64).reshape(-1)
+
+
+_BINS = 1 << 15  # non-negative bf16 patterns fit in 15 bits
+
+
+def global_allocation(
+    scores: Mapping[str, torch.Tensor], sparsity: float, clamp: float | None = None
+) -> dict[str, int]:
+    """Weights to keep per layer under one global threshold on |score|.
+
+    The total kept is exactly ceil((1-p) * total); each layer's sparsity is clamped to
+    [p - clamp, p + clamp] (within [0, 1]) so no layer collapses. The threshold is found on
+    bf16 histograms of |score| (exact counting, no sort of the whole model); ties at the
+    threshold value are shared out within the clamp limits.
+    """
+    names = list(scores)
+    sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.int64)
+    total = int(sizes.sum())
+    target = kept_count(total, sparsity)
+    width = 1.0 if clamp is None else clamp
+    low = torch.tensor([kept_count(int(s), min(1.0, sparsity + width)) for s in sizes])
+    high = torch.tensor([kept_count(int(s), max(0.0, sparsity - width)) for s in sizes])
+    if int(low.sum()) > target or int(high.sum()) < target:
+        raise ValueError(f"clamp {clamp} makes a global sparsity of {sparsity} unreachable")
+
+    # count_at_least[l, v] = weights of layer l whose bf16 code is >= v
+    counts = torch.stack([torch.bincount(_bf16_bins(scores[n].cpu()), minlength=_BINS) for n in names])
+    at_least = counts.flip(1).cumsum(1).flip(1)
+
+    def kept_at(code: int) -> torch.Tensor:
+        return torch.minimum(torch.maximum(at_least[:, code], low), high)
+
+    lo_code, hi_code = 0, _BINS - 1  # kept_at is non-increasing in the code
+    while lo_code < hi_code:
+        mid = (lo_code + hi_code + 1) // 2
+        if int(kept_at(mid).sum()) >= target:
+            lo_code = mid
+        else:
+            hi_code = mid - 1
+    keep = kept_at(lo_code)
+    floor = kept_at(lo_code + 1) if lo_code + 1 < _BINS else torch.minimum(low.clone(), keep)
+    excess = int(keep.sum()) - target
+    for i in range(len(names)):
+        if excess == 0:
+            break
+        give = min(excess, int(keep[i] - floor[i]))
+        keep[i] -= give
+        excess -= give
+    return {n: int(k) for n, k in zip(names, keep)}

@@ -1,0 +1,126 @@
+"""Saliency state of one layer and its mirror-descent (linearised Bregman) update.
+
+Per weight the state holds the split variable z (fp32), the batch at which the weight first
+entered the regularisation path (int32, -1 = never) and the running mean of the anchors
+(fp32, the tie-break for weights whose Gamma is zero). Gamma itself is derived: it is the
+soft threshold of z at the last quantile threshold, so it is not stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Above this many entries the lambda-quantile is estimated on a random sample.
+EXACT_QUANTILE_LIMIT = 1_000_000
+QUANTILE_SAMPLE_SIZE = 100_000
+
+
+def soft_threshold(z: torch.Tensor, threshold: float) -> torch.Tensor:
+    """sign(z) * max(|z| - t, 0): the proximal map of the elastic-net potential."""
+    return torch.sign(z) * (z.abs() - threshold).clamp_min(0)
+
+
+def quantile_threshold(
+    values: torch.Tensor,
+    q: float,
+    generator: torch.Generator | None = None,
+    exact_limit: int = EXACT_QUANTILE_LIMIT,
+    sample_size: int = QUANTILE_SAMPLE_SIZE,
+) -> float:
+    """The q-quantile of ``values`` (lower order statistic, no interpolation).
+
+    Tensors over ``exact_limit`` entries are estimated on ``sample_size`` entries drawn with
+    replacement using ``generator`` (CPU), which keeps the cost flat for 7B-class layers.
+    """
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"quantile must be in [0, 1), got {q}")
+    flat = values.reshape(-1)
+    if q == 0.0 or flat.numel() == 0:
+        return 0.0
+    if flat.numel() > exact_limit:
+        index = torch.randint(flat.numel(), (sample_size,), generator=generator)
+        flat = flat[index.to(flat.device)]
+    k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
+    return float(flat.float().kthvalue(k).values)
+
+
+@dataclass
+class SaliencyState:
+    """Mirror-descent state of one weight matrix while its layer is calibrated."""
+
+    z: torch.Tensor
+    first_step: torch.Tensor
+    anchor_mean: torch.Tensor
+    threshold: float = 0.0
+    steps: int = 0
+
+    @classmethod
+    def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device | str) -> "SaliencyState":
+        return cls(
+            z=torch.zeros(shape, dtype=torch.float32, device=device),
+            first_step=torch.full(shape, -1, dtype=torch.int32, device=device),
+            anchor_mean=torch.zeros(shape, dtype=torch.float32, device=device),
+        )
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """The saliency Gamma = soft_threshold(z, t) (fp32, same shape as the weight)."""
+        return soft_threshold(self.z, self.threshold)
+
+
+def mirror_descent_step(
+    state: SaliencyState,
+    anchor: torch.Tensor,
+    kappa: float,
+    lam: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One batch: z += kappa (S - Gamma); t = quantile(|z|, lam); Gamma = soft(z, t).
+
+    Also records ``first_step`` for weights whose Gamma became non-zero at this step and
+    updates the running mean of the anchors. Works in place on ``state``.
+    """
+    step = state.steps
+    anchor = anchor.to(state.z.device, torch.float32)
+    state.z.add_(anchor - state.gamma, alpha=kappa)
+    magnitude = state.z.abs()
+    state.threshold = quantile_threshold(magnitude, lam, generator)
+    entered = (magnitude > state.threshold) & (state.first_step < 0)
+    state.first_step.masked_fill_(entered, step)
+    state.anchor_mean.mul_(step / (step + 1)).add_(anchor, alpha=1.0 / (step + 1))
+    state.steps = step + 1
+
+
+def all_reduce_state(state: SaliencyState) -> None:
+    """Combine the states of data-parallel ranks so every rank picks the same mask.
+
+    Each rank ran the mirror descent over its own share of the batches; the chains are
+    averaged (z, anchor mean weighted by steps, threshold re-taken as the mean), and
+    first_step becomes the earliest step at which any rank saw the weight enter. A no-op
+    outside an initialised process group of more than one rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    steps = torch.tensor([float(state.steps)], device=state.z.device)
+    dist.all_reduce(steps)
+    total_steps = float(steps.item())
+    weight = state.steps / total_steps if total_steps > 0 else 0.0
+    world = dist.get_world_size()
+
+    state.z.div_(world)
+    dist.all_reduce(state.z)
+    state.anchor_mean.mul_(weight)
+    dist.all_reduce(state.anchor_mean)
+    threshold = torch.tensor([state.threshold / world], device=state.z.device, dtype=torch.float64)
+    dist.all_reduce(threshold)
+    state.threshold = float(threshold.item())
+
+    never = torch.iinfo(torch.int32).max
+    first = torch.where(state.first_step < 0, torch.full_like(state.first_step, never), state.first_step)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    state.first_step.copy_(torch.where(first == never, torch.full_like(first, -1), first))
+    state.steps = int(total_steps)

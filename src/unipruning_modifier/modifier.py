@@ -1,0 +1,261 @@
+"""UniPruningModifier: recipe fields and llm-compressor lifecycle hooks.
+
+The math lives in saliency.py (anchors), mirror_descent.py (state and update) and masks.py
+(mask extraction); this class validates the recipe, hooks the target Linear layers, feeds
+each calibration batch to the mirror descent and applies the final masks.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal
+
+import torch
+from compressed_tensors.utils import (
+    align_module_device,
+    match_name,
+    match_named_modules,
+    update_offload_parameter,
+)
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.modifier import Modifier
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from .masks import global_allocation, nm_mask, parse_mask_structure, row_mask, saliency_keys, unstructured_mask
+from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
+from .saliency import activation_energy, local_saliency
+
+__all__ = ["UniPruningModifier"]
+
+
+class UniPruningModifier(Modifier):
+    """Prune with UniPruning: mirror-descent saliency anchored to a local metric.
+
+    Weights are never changed except by zeroing the pruned ones at the end of each layer's
+    calibration (``allocation: global`` waits for the end of calibration, because the budget
+    needs every layer's saliency).
+
+    Sample recipe:
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        UniPruningModifier:
+          mask_structure: "2:4"
+          targets: ["Linear"]
+          ignore: ["re:.*lm_head"]
+    ```
+
+    :param sparsity: fraction of weights to prune per target layer, or a list with one value
+        per decoder layer (sequential target). Implied by ``mask_structure`` for N:M.
+    :param mask_structure: "unstructured" / "0:0", or "N:M" (keep N weights in each group of M
+        consecutive inputs), e.g. "2:4", "4:8".
+    :param targets: module names, "re:" patterns or class names to prune. The model's input and
+        output embeddings (``lm_head``) are pruned only when a target names them.
+    :param ignore: modules to leave dense, same syntax as ``targets``.
+    :param metric: local anchor: "stochastic_ria" (default), "ria" or "wanda".
+    :param kappa: mirror-descent step size.
+    :param lam: quantile of |z| used as the soft threshold (elastic-net strength).
+    :param beta: fraction of a row/column summed by ``stochastic_ria``.
+    :param exponent: activation exponent a of the metric (None: 0.35 stochastic_ria, 0.5 else).
+    :param allocation: unstructured budget "layer", "row" or "global" (one threshold over all
+        target layers, each clamped to sparsity +/- ``clamp``).
+    :param clamp: largest deviation of a layer's sparsity from the target under "global".
+    :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
+    :param seed: seed of the stochastic sums and quantile samples.
+    """
+
+    requires_calibration_data: bool = True
+
+    sparsity: float | list[float] | None = None
+    mask_structure: str = "0:0"
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=list)
+    metric: Literal["stochastic_ria", "ria", "wanda"] = "stochastic_ria"
+    kappa: float = Field(default=0.01, gt=0)
+    lam: float = Field(default=0.001, ge=0, lt=1)
+    beta: float = Field(default=0.2, gt=0, le=1)
+    exponent: float | None = Field(default=None, ge=0)
+    allocation: Literal["layer", "row", "global"] = "layer"
+    clamp: float = Field(default=0.1, ge=0, le=1)
+    nm_order: Literal["gamma", "first_step"] = "gamma"
+    seed: int = 0
+
+    _n: int = PrivateAttr(default=0)
+    _m: int = PrivateAttr(default=0)
+    _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
+    _states: dict[str, SaliencyState] = PrivateAttr(default_factory=dict)
+    _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
+    _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _pruned: set[str] = PrivateAttr(default_factory=set)
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        """A single string is one pattern (llm-compressor would iterate its characters)."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if value is not None and (not values or any(not 0.0 <= v < 1.0 for v in values)):
+            raise ValueError(f"sparsity must be in [0, 1) (a float or a non-empty list), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_structure(self) -> "UniPruningModifier":
+        self._n, self._m = parse_mask_structure(self.mask_structure)
+        if self._m:
+            implied = 1.0 - self._n / self._m
+            if isinstance(self.sparsity, list) or (
+                self.sparsity is not None and abs(self.sparsity - implied) > 1e-6
+            ):
+                raise ValueError(
+                    f"sparsity {self.sparsity!r} contradicts mask_structure {self.mask_structure!r}, "
+                    f"which prunes {implied:g} of every layer; leave sparsity out for N:M"
+                )
+            if self.allocation != "layer":
+                raise ValueError(
+                    f"allocation {self.allocation!r} applies to unstructured masks only; "
+                    f"mask_structure {self.mask_structure!r} fixes the budget of every group"
+                )
+        elif self.sparsity is None:
+            raise ValueError("sparsity is required for unstructured masks (a float in [0, 1) or a per-layer list)")
+        if isinstance(self.sparsity, list) and self.allocation == "global":
+            raise ValueError("allocation 'global' takes one sparsity, not a per-layer list")
+        return self
+
+    def target_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Target Linear layers by name; embeddings and lm_head only when a target names them."""
+        embeddings = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(model, getter, lambda: None)()
+            if module is not None:
+                embeddings.add(module)
+        found = {}
+        for name, module in match_named_modules(model, self.targets, self.ignore):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if module in embeddings and not any(match_name(name, t) for t in self.targets):
+                continue
+            found[name] = module
+        return found
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        targets = self.target_modules(state.model)
+        if not targets:
+            raise ValueError(f"UniPruningModifier: targets {self.targets} (ignore {self.ignore}) match no Linear layer")
+        if self._m:
+            for name, module in targets.items():
+                if module.in_features % self._m:
+                    raise ValueError(
+                        f"UniPruningModifier: layer {name} has {module.in_features} inputs, not a multiple "
+                        f"of {self._m} required by mask_structure {self.mask_structure!r}; add it to ignore"
+                    )
+        self._layer_sparsity = self._sparsity_per_module(state.model, targets, kwargs.get("sequential_targets"))
+        self._names = {module: name for name, module in targets.items()}
+        return True
+
+    def _sparsity_per_module(self, model, targets, sequential_targets) -> dict[str, float]:
+        if self._m:
+            return {name: 1.0 - self._n / self._m for name in targets}
+        if not isinstance(self.sparsity, list):
+            return {name: float(self.sparsity) for name in targets}
+        layers = [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        if len(layers) != len(self.sparsity):
+            raise ValueError(
+                f"UniPruningModifier: sparsity has {len(self.sparsity)} values but the model has "
+                f"{len(layers)} decoder layers"
+            )
+        result = {}
+        for name in targets:
+            index = next((i for i, layer in enumerate(layers) if name.startswith(layer + ".")), None)
+            if index is None:
+                raise ValueError(f"UniPruningModifier: {name} is in no decoder layer, so a per-layer sparsity list cannot cover it")
+            result[name] = float(self.sparsity[index])
+        return result
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        for module in self._names:
+            self.register_hook(module, self._calibrate, "forward")
+
+    def _calibrate(self, module: torch.nn.Module, args, _output):
+        """Forward hook: one mirror-descent step of this layer on this batch."""
+        name = self._names[module]
+        inputs = args[0]
+        if name not in self._states:
+            self._states[name] = SaliencyState.zeros(module.weight.shape, inputs.device)
+            self._generators[name] = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
+        generator = self._generators[name]
+        anchor = local_saliency(
+            self.metric,
+            module.weight,
+            activation_energy(inputs),
+            exponent=self.exponent,
+            beta=self.beta,
+            generator=generator,
+        )
+        mirror_descent_step(self._states[name], anchor, self.kappa, self.lam, generator)
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        self._finish_calibrated_layers()
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._finish_calibrated_layers()
+        if self._deferred:
+            self._apply_global_budget()
+        self.remove_hooks()
+
+    def _finish_calibrated_layers(self) -> None:
+        """Reduce across ranks, then mask each calibrated layer (or keep its keys for "global")."""
+        modules = {name: module for module, name in self._names.items()}
+        for name in list(self._states):
+            saliency = self._states.pop(name)
+            self._generators.pop(name)
+            all_reduce_state(saliency)
+            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self.nm_order if self._m else "gamma")
+            if self.allocation == "global":
+                self._deferred[name] = [k.to("cpu", torch.bfloat16) for k in keys]
+                continue
+            sparsity = self._layer_sparsity[name]
+            if self._m:
+                mask = nm_mask(keys, self._n, self._m)
+            elif self.allocation == "row":
+                mask = row_mask(keys, sparsity)
+            else:
+                mask = unstructured_mask(keys, sparsity)
+            self._apply_mask(name, modules[name], mask, saliency.steps)
+
+    def _apply_global_budget(self) -> None:
+        modules = {name: module for module, name in self._names.items()}
+        keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
+        for name, keys in self._deferred.items():
+            self._apply_mask(name, modules[name], unstructured_mask([k.float() for k in keys], keep=keep[name]), None)
+        self._deferred = {}
+
+    def _apply_mask(self, name: str, module: torch.nn.Module, mask: torch.Tensor, steps: int | None) -> None:
+        """Zero the pruned weights; kept weights keep their original values bit for bit."""
+        with torch.no_grad(), align_module_device(module):
+            pruned = module.weight.masked_fill(~mask.to(module.weight.device), 0)
+        update_offload_parameter(module, "weight", pruned)
+        self._pruned.add(name)
+        achieved = 1.0 - mask.sum().item() / mask.numel()
+        batches = f" from {steps} batches" if steps is not None else ""
+        logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{batches}")
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self.remove_hooks()
+        missed = sorted(set(self._names.values()) - self._pruned)
+        self._states, self._generators, self._deferred = {}, {}, {}
+        if missed:
+            raise RuntimeError(
+                f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
+                f"pruned: {missed[:5]}{' ...' if len(missed) > 5 else ''}"
+            )
+        return True
