@@ -22,10 +22,9 @@ def npu_available() -> bool:
     """True when torch_npu imports and reports at least one device."""
     try:
         importlib.import_module("torch_npu")
-    except ImportError:
-        return False
-    except Exception as error:  # a broken install raises anything from its native loader
-        warnings.warn(f"torch_npu is installed but failed to load ({error}); not using an NPU")
+    except Exception as error:  # without CANN: ImportError libhccl.so, or anything from its loader
+        if not (isinstance(error, ModuleNotFoundError) and error.name == "torch_npu"):
+            warnings.warn(f"torch_npu is installed but failed to load ({error}); not using an NPU")
         return False
     npu = getattr(torch, "npu", None)
     try:
@@ -38,14 +37,14 @@ def npu_available() -> bool:
 def select_device(requested: str | None = None) -> torch.device:
     """The device to run on: ``requested`` if given ("cuda", "cuda:1", "npu", "cpu"), else the best."""
     if requested:
-        device = torch.device(requested)
-        if device.type not in DEVICE_TYPES:
+        kind, _, index = requested.partition(":")
+        if kind not in DEVICE_TYPES or (index and not index.isdigit()):
             raise ValueError(f"device must be one of {DEVICE_TYPES} (optionally ':index'), got {requested!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {requested!r} requested but CUDA is not available")
-        if device.type == "npu" and not npu_available():
+        if kind == "npu" and not npu_available():  # importing torch_npu registers the "npu" type
             raise ValueError(f"device {requested!r} requested but no Ascend NPU is usable")
-        return device
+        return torch.device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if npu_available():

@@ -45,6 +45,11 @@ def kept_count(total: int, sparsity: float) -> int:
     return min(total, math.ceil(round((1.0 - sparsity) * total, 6)))
 
 
+def kept_at_most(total: int, sparsity: float) -> int:
+    """Most weights that can be kept with sparsity still >= ``sparsity``: floor((1 - p) * total)."""
+    return max(0, math.floor(round((1.0 - sparsity) * total, 6)))
+
+
 def rank_descending(keys: Sequence[torch.Tensor], dim: int = -1) -> torch.Tensor:
     """Indices that sort along ``dim`` by keys[0] descending, ties by keys[1], ... (stable)."""
     order = None
@@ -139,7 +144,7 @@ def global_allocation(
     target = kept_count(total, sparsity)
     width = 1.0 if clamp is None else clamp
     low = torch.tensor([kept_count(int(s), min(1.0, sparsity + width)) for s in sizes])
-    high = torch.tensor([kept_count(int(s), max(0.0, sparsity - width)) for s in sizes])
+    high = torch.tensor([kept_at_most(int(s), max(0.0, sparsity - width)) for s in sizes])
     if int(low.sum()) > target or int(high.sum()) < target:
         raise ValueError(f"clamp {clamp} makes a global sparsity of {sparsity} unreachable")
 

@@ -44,7 +44,7 @@ def quantile_threshold(
     if flat.numel() > exact_limit:
         index = torch.randint(flat.numel(), (sample_size,), generator=generator)
         flat = flat[index.to(flat.device)]
-    k = min(flat.numel(), max(1, math.ceil(q * flat.numel())))
+    k = min(flat.numel(), max(1, math.ceil(round(q * flat.numel(), 6))))
     return float(flat.float().kthvalue(k).values)
 
 

@@ -27,7 +27,7 @@ def activation_energy(inputs: torch.Tensor) -> torch.Tensor:
 
 def subset_size(out_features: int, in_features: int, beta: float) -> int:
     """tau = max(1, floor(beta * min(out, in))): entries per stochastic column/row sum."""
-    return max(1, math.floor(beta * min(out_features, in_features)))
+    return max(1, math.floor(round(beta * min(out_features, in_features), 6)))
 
 
 def wanda_score(abs_weight: torch.Tensor, energy: torch.Tensor, exponent: float = 0.5) -> torch.Tensor:

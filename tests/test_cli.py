@@ -1,0 +1,99 @@
+"""The `unipruning prune` command: bad input fails early and cleanly; a small run end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from unipruning_modifier.cli import main
+
+from .conftest import REPO, linear_weights, load
+
+FAST = ["--num-samples", "4", "--seq-len", "64", "--eval-window", "128", "--eval-tokens", "1024"]
+
+
+def run(capsys, *argv):
+    code = main(["prune", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "recipe_text, message",
+    [
+        ("s_stage:\n  s_modifiers:\n    UniPruningModifier: {sparsity: 1.5}\n", "sparsity must be in [0, 1)"),
+        ("s_stage:\n  s_modifiers:\n    UniPruningModifier: {mask_structure: '3:2'}\n", "0 < N < M"),
+        ("UniPruningModifier: {sparsity: 0.5}\n", "defines no modifiers"),
+    ],
+)
+def test_bad_recipe_fails_before_work(capsys, tmp_path, recipe_text, message):
+    out_dir = tmp_path / "out"
+    start = time.perf_counter()
+    code, _, err = run(capsys, "--recipe", write(tmp_path / "r.yaml", recipe_text), "--output", str(out_dir), *FAST)
+    assert code == 2 and message in err and "--recipe" in err
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == [tmp_path / "r.yaml"]
+    assert time.perf_counter() - start < 60  # no model was loaded or calibrated
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such folder"),
+        (["--recipe", "no_such_recipe"], "not a built-in recipe"),
+        (["--dataset", "/nonexistent/calib.txt"], "--dataset: dataset '/nonexistent/calib.txt': no such text file"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_fail_with_the_argument_named(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "--output", str(tmp_path / "out"), *FAST, *argv)
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_dataset_is_refused(capsys, tmp_path):
+    empty = write(tmp_path / "empty.txt", "  \n\n")
+    code, _, err = run(capsys, "--dataset", empty, "--output", str(tmp_path / "out"), *FAST)
+    assert code == 2 and "is empty" in err and "--dataset" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("x")
+    code, _, err = run(capsys, "--output", str(out_dir), *FAST)
+    assert code == 2 and "--overwrite" in err
+    assert (out_dir / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_prune_tiny_model_end_to_end(capsys, tmp_path, tiny_model_path):
+    out_dir = tmp_path / "pruned"
+    code, out, _ = run(
+        capsys, "--model", tiny_model_path, "--recipe", str(REPO / "recipes" / "uni_24.yaml"),
+        "--output", str(out_dir), *FAST,
+    )
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("sparsity", "ppl_dense", "ppl_pruned", "seconds", "peak_memory_mb", "layer_sparsity"):
+        assert key in result
+    assert result["sparsity"] == pytest.approx(0.5)
+    assert len(result["layer_sparsity"]) == 14 and set(result["layer_sparsity"].values()) == {0.5}
+    assert result["seconds"] > 0 and result["peak_memory_mb"] > 0
+    assert "total (target layers)" in out and "perplexity" in out
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no partial folder left
+    assert (out_dir / "recipe.yaml").is_file() and (out_dir / "tokenizer.json").is_file()
+    model = load(str(out_dir))
+    for name, weight in linear_weights(model).items():
+        if name != "lm_head":
+            assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) == 2), name

@@ -1,0 +1,99 @@
+"""Recipe fields, validation and target selection of UniPruningModifier (no calibration)."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import yaml
+from llmcompressor.modifiers.factory import ModifierFactory
+from llmcompressor.recipe import Recipe
+
+from unipruning_modifier import UniPruningModifier
+
+from .conftest import REPO, load
+
+
+def test_import_registers_under_class_name():
+    assert ModifierFactory._registered_registry["UniPruningModifier"] is UniPruningModifier
+
+
+@pytest.mark.parametrize("name", ["uni_24", "uni_unstructured_50", "uni_unstructured_60"])
+def test_shipped_recipes_parse(name):
+    recipe = Recipe.create_instance(str(REPO / "recipes" / f"{name}.yaml"))
+    (modifier,) = recipe.modifiers
+    assert isinstance(modifier, UniPruningModifier)
+    assert modifier.ignore == ["re:.*lm_head"]
+
+
+def test_yaml_string_recipe():
+    recipe = Recipe.create_instance(
+        "sparsity_stage:\n  sparsity_modifiers:\n    UniPruningModifier: {sparsity: 0.7, allocation: row}\n"
+    )
+    (modifier,) = recipe.modifiers
+    assert modifier.sparsity == 0.7 and modifier.allocation == "row"
+
+
+def test_serialised_recipe_parses_back_into_the_same_modifier():
+    original = UniPruningModifier(sparsity=[0.4, 0.6], metric="ria", kappa=0.05, targets="Linear")
+    text = Recipe.from_modifiers(original).yaml()
+    (parsed,) = Recipe.create_instance(text).modifiers
+    fields = set(UniPruningModifier.model_fields) - {"index", "group"}
+    assert {f: getattr(parsed, f) for f in fields} == {f: getattr(original, f) for f in fields}
+
+
+def test_string_target_is_one_pattern():
+    assert UniPruningModifier(sparsity=0.5, targets="Linear", ignore="lm_head").targets == ["Linear"]
+    assert UniPruningModifier(sparsity=0.5, ignore="lm_head").ignore == ["lm_head"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
+        ({"sparsity": [0.5, 1.2]}, "sparsity must be in [0, 1)"),
+        ({"sparsity": []}, "sparsity must be in [0, 1)"),
+        ({"mask_structure": "3:2"}, "0 < N < M"),
+        ({"mask_structure": "2-4"}, "mask_structure must be"),
+        ({"sparsity": 0.7, "mask_structure": "2:4"}, "contradicts mask_structure"),
+        ({"mask_structure": "2:4", "allocation": "global"}, "unstructured masks only"),
+        ({}, "sparsity is required"),
+        ({"sparsity": [0.5, 0.5], "allocation": "global"}, "takes one sparsity"),
+        ({"sparsity": 0.5, "metric": "magnitude"}, "metric"),
+        ({"sparsity": 0.5, "allocation": "blocks"}, "allocation"),
+        ({"sparsity": 0.5, "kappa": 0}, "kappa"),
+        ({"sparsity": 0.5, "lam": 1.0}, "lam"),
+        ({"sparsity": 0.5, "nm_order": "random"}, "nm_order"),
+        ({"sparsity": 0.5, "spasity": 0.5}, "spasity"),
+    ],
+)
+def test_bad_fields_are_rejected_with_the_field_named(fields, message):
+    with pytest.raises(pydantic.ValidationError) as error:
+        UniPruningModifier(**fields)
+    assert message in str(error.value)
+
+
+def test_nm_sparsity_may_be_given_when_consistent():
+    assert UniPruningModifier(sparsity=0.5, mask_structure="4:8").mask_structure == "4:8"
+
+
+def test_targets_skip_lm_head_and_embeddings_unless_named(tiny_model_path):
+    model = load(tiny_model_path)
+    by_class = UniPruningModifier(sparsity=0.5).target_modules(model)
+    assert "lm_head" not in by_class
+    assert len(by_class) == 2 * 7 and all(name.startswith("model.layers.") for name in by_class)
+
+    named = UniPruningModifier(sparsity=0.5, targets=["Linear", "lm_head"]).target_modules(model)
+    assert "lm_head" in named
+
+    ignored = UniPruningModifier(sparsity=0.5, ignore=["model.layers.0.mlp.down_proj", "re:.*q_proj$"])
+    names = ignored.target_modules(model)
+    assert "model.layers.0.mlp.down_proj" not in names and "model.layers.1.mlp.down_proj" in names
+    assert not any(name.endswith("q_proj") for name in names)
+
+
+def test_recipe_comments_match_fields():
+    """Every key of the shipped recipes is a real field (extra keys would be a ValidationError)."""
+    for path in (REPO / "recipes").glob("*.yaml"):
+        fields = yaml.safe_load(path.read_text())["sparsity_stage"]["sparsity_modifiers"]["UniPruningModifier"]
+        assert set(fields) <= set(UniPruningModifier.model_fields), path.name

@@ -1,0 +1,146 @@
+"""End to end through llm-compressor's oneshot on a 2-layer Llama and the demo model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from llmcompressor.recipe import Recipe
+
+from unipruning_modifier import UniPruningModifier, data
+from unipruning_modifier.masks import kept_count
+
+from .conftest import REPO, all_parameters, linear_weights, load, run_oneshot
+
+pytestmark = pytest.mark.slow
+
+
+def prune(path, recipe, calibration, tokenizer, **kwargs):
+    model = load(path)
+    before = all_parameters(model)
+    model = run_oneshot(model, recipe, calibration, tokenizer, **kwargs)
+    return model, before
+
+
+def target_names(model, **fields):
+    return list(UniPruningModifier(sparsity=0.5, **fields).target_modules(model))
+
+
+def assert_only_masked(model, before, targets):
+    """Targets: every weight is either its original value (bit for bit) or 0. Rest: untouched."""
+    for name, param in model.named_parameters():
+        original = before[name]
+        module = name.removesuffix(".weight")
+        if module in targets and name.endswith(".weight"):
+            kept = param != 0
+            assert torch.equal(param[kept], original[kept]), f"{name}: kept weights changed"
+        else:
+            assert torch.equal(param, original), f"{name} is not a target but changed"
+
+
+def test_yaml_recipe_24_end_to_end(tiny_model_path, calibration, tokenizer):
+    model, before = prune(tiny_model_path, str(REPO / "recipes" / "uni_24.yaml"), calibration, tokenizer)
+    targets = target_names(model)
+    assert len(targets) == 14
+    weights = linear_weights(model)
+    for name in targets:
+        groups = weights[name].reshape(weights[name].shape[0], -1, 4)
+        nonzero = (groups != 0).sum(-1)
+        assert torch.all(nonzero == 2), f"{name}: not exactly 2 of every 4 kept"
+    assert_only_masked(model, before, targets)
+
+
+@pytest.mark.parametrize("name, sparsity", [("uni_unstructured_50", 0.5), ("uni_unstructured_60", 0.6)])
+def test_yaml_recipe_unstructured_end_to_end(tiny_model_path, calibration, tokenizer, name, sparsity):
+    model, before = prune(tiny_model_path, str(REPO / "recipes" / f"{name}.yaml"), calibration, tokenizer)
+    targets = target_names(model)
+    weights = linear_weights(model)
+    for target in targets:
+        weight = weights[target]
+        zeros = int((weight == 0).sum())
+        assert zeros == weight.numel() - kept_count(weight.numel(), sparsity), target
+    assert_only_masked(model, before, targets)
+
+
+def test_row_allocation_and_per_layer_sparsity(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(sparsity=[0.3, 0.7], allocation="row", ignore=["re:.*lm_head"])
+    model, _ = prune(tiny_model_path, recipe, calibration, tokenizer)
+    for name, weight in linear_weights(model).items():
+        if name == "lm_head":
+            continue
+        target = 0.3 if name.startswith("model.layers.0.") else 0.7
+        kept_per_row = (weight != 0).sum(dim=1)
+        assert torch.all(kept_per_row == kept_count(weight.shape[1], target)), name
+
+
+def test_global_allocation_hits_total_and_respects_clamp(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(sparsity=0.6, allocation="global", clamp=0.05)
+    model, before = prune(tiny_model_path, recipe, calibration, tokenizer)
+    targets = target_names(model)
+    weights = linear_weights(model)
+    total = sum(weights[n].numel() for n in targets)
+    zeros = sum(int((weights[n] == 0).sum()) for n in targets)
+    assert abs(zeros - (total - kept_count(total, 0.6))) <= 1
+    for name in targets:
+        layer = float((weights[name] == 0).float().mean())
+        assert 0.55 - 1e-3 <= layer <= 0.65 + 1e-3, (name, layer)
+    assert_only_masked(model, before, targets)
+
+
+def test_same_seed_same_mask_other_seed_other_mask(tiny_model_path, calibration, tokenizer):
+    masks = []
+    for seed in (0, 0, 1):
+        model, _ = prune(tiny_model_path, UniPruningModifier(sparsity=0.5, seed=seed), calibration, tokenizer)
+        masks.append({n: w != 0 for n, w in linear_weights(model).items()})
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    assert not all(torch.equal(masks[0][n], masks[2][n]) for n in masks[0])
+
+
+def test_first_step_order_and_4_8(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(mask_structure="4:8", nm_order="first_step", metric="ria")
+    model, before = prune(tiny_model_path, recipe, calibration, tokenizer)
+    targets = target_names(model)
+    for name in targets:
+        weight = linear_weights(model)[name]
+        assert torch.all((weight.reshape(weight.shape[0], -1, 8) != 0).sum(-1) == 4), name
+    assert_only_masked(model, before, targets)
+
+
+def test_nm_requires_divisible_inputs(tmp_path, tokenizer, calibration):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=100, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mlp.down_proj has 100 inputs, not a multiple of 8"):
+        prune(str(tmp_path), UniPruningModifier(mask_structure="4:8"), calibration, tokenizer)
+
+
+def test_saved_recipe_round_trips(tiny_model_path, calibration, tokenizer, tmp_path):
+    recipe = UniPruningModifier(sparsity=0.5, ignore=["re:.*lm_head"], kappa=0.02, allocation="row")
+    model, _ = prune(tiny_model_path, recipe, calibration, tokenizer)
+    model.save_pretrained(tmp_path / "out")
+    (parsed,) = Recipe.create_instance(str(tmp_path / "out" / "recipe.yaml")).modifiers
+    assert isinstance(parsed, UniPruningModifier)
+    fields = set(UniPruningModifier.model_fields) - {"index", "group"} - {n for n in parsed.model_fields if n.endswith("_")}
+    assert {f: getattr(parsed, f) for f in fields} == {f: getattr(recipe, f) for f in fields}
+
+    reloaded = load(str(tmp_path / "out"))
+    for name, weight in linear_weights(reloaded).items():
+        assert torch.equal(weight, linear_weights(model)[name]), name
+
+
+def test_demo_model_prunes_and_perplexity_stays_finite(tokenizer):
+    from unipruning_modifier.evaluation import perplexity
+
+    calibration = data.calibration_dataset(tokenizer, data.demo_calibration_text(), num_samples=8, seq_len=128)
+    model = load(data.demo_model_path())
+    tokens = data.token_stream(tokenizer, data.read_text(data.demo_eval_text()))
+    dense = perplexity(model, tokens, window=256, max_tokens=4096)
+    model = run_oneshot(model, str(REPO / "recipes" / "uni_24.yaml"), calibration, tokenizer)
+    pruned = perplexity(model, tokens, window=256, max_tokens=4096)
+    assert math.isfinite(pruned) and dense < pruned < 20 * dense
