@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import re
 import sys
@@ -34,7 +33,6 @@ from pathlib import Path
 # JSON lines go to the real stdout; everything else that prints (llm-compressor's loguru sink
 # is sys.stdout, and it warns at import time on a CPU-only machine) is sent to stderr.
 RESULTS = sys.stdout
-sys.stdout = sys.stderr
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
@@ -207,7 +205,34 @@ def default_text(shared: str, demo) -> str:
     return shared if Path(shared).is_file() else demo()
 
 
+def drop_fx_autowrap_namespaces() -> int:
+    """Forget the namespaces llm-compressor's sequential tracing left in torch.fx; return how many.
+
+    torch.fx.wrap(name) records the calling frame's globals in the module-level registry
+    ``torch.fx._symbolic_trace._wrapped_fns_to_patch`` and never lets go. llm-compressor 0.14's
+    sequential pipeline calls it from code it ``exec``s in throw-away namespaces: the autowrapped
+    forward (pipelines/sequential/ast_helpers.py, a namespace holding ``self`` = the model) and
+    each traced subgraph's generated code (pipelines/sequential/helpers.py). So every ``oneshot``
+    keeps its model (weights on the device too) alive for the life of the process: in a sweep,
+    one leaked model per run, inflating the memory figures of every later run. Entries whose
+    globals are a real module's ``__dict__`` (ordinary top-level ``torch.fx.wrap`` users) stay.
+    """
+    try:
+        from torch.fx import _symbolic_trace
+    except ImportError:
+        return 0
+    registry = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
+    if not isinstance(registry, dict):
+        return 0
+    module_globals = {id(vars(m)) for m in list(sys.modules.values()) if hasattr(m, "__dict__")}
+    stale = [key for key, namespace in registry.items() if id(namespace) not in module_globals]
+    for key in stale:
+        del registry[key]
+    return len(stale)
+
+
 def release(device: torch.device) -> None:
+    drop_fx_autowrap_namespaces()
     gc.collect()
     empty_cache(device)
 
@@ -386,7 +411,10 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_xlabel("achieved sparsity (target layers)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title(Path(results[0]["model"]).name if results else "")
+    if results:
+        model = Path(results[0]["model"])
+        label = results[0].get("label")
+        ax.set_title(f"{model.parent.name}/{model.name}" + (f" ({label})" if label else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -403,17 +431,20 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", help="local Hugging Face causal LM folder ('demo' = the vendored demo model)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                        help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--configs", nargs="+", default=["0.5", "0.6", "0.7", "2:4", "4:8"],
                         help="unstructured sparsity p, or N:M (N weights kept in every M)")
-    parser.add_argument("--calib", default=default_text("/work/shared/data/calib.txt", updata.demo_calibration_text))
-    parser.add_argument("--eval", default=default_text("/work/shared/data/dev_eval.txt", updata.demo_eval_text))
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-window", type=int, default=1024)
-    parser.add_argument("--eval-tokens", type=int, default=131072)
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, npu, cpu (default: best available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--calib", default=default_text("/work/shared/data/calib.txt", updata.demo_calibration_text),
+                        metavar="TEXT_FILE", help="calibration text")
+    parser.add_argument("--eval", default=default_text("/work/shared/data/dev_eval.txt", updata.demo_eval_text),
+                        metavar="TEXT_FILE", help="evaluation text")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="calibration window length (tokens)")
+    parser.add_argument("--eval-window", type=int, default=1024, help="perplexity window (tokens)")
+    parser.add_argument("--eval-tokens", type=int, default=131072, help="evaluation tokens used at most")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, npu or cpu (None: select_device(), i.e. CUDA, then NPU, then CPU)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype the model is loaded in")
     parser.add_argument("--seed", type=int, default=0,
                         help="calibration windows, batch order and UniPruningModifier.seed")
     parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
@@ -438,6 +469,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     _log_to_stderr()
     args = parse_args(argv)
+    sys.stdout = sys.stderr  # stray prints (libraries, tqdm.write) must not mix with the JSON lines
+    try:
+        return sweep(args)
+    finally:
+        sys.stdout = RESULTS
+
+
+def sweep(args) -> int:
     bench = Benchmark(args)
     log(f"model {args.model} on {bench.device} ({args.dtype}); {len(bench.calib_ds)} calibration windows "
         f"of {args.seq_len}; eval {bench.eval_tokens_used} tokens in windows of {args.eval_window}")

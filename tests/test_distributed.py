@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,16 +22,18 @@ def _source_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_PACKAGE = "_unipruning_under_test"
+
+
 def _load(name: str):
-    """Load one module file of the package without its __init__ (which imports llm-compressor,
-    far too slow for every spawned process). mirror_descent and masks only need torch."""
-    key = f"_unipruning_under_test_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _source_dir() / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module  # dataclasses look their module up in sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    """Import one module of the package without running its __init__ (which imports
+    llm-compressor, far too slow for every spawned process): a bare stand-in package object
+    points at the source folder, so the module's relative imports (torch-only) still work."""
+    if _PACKAGE not in sys.modules:
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [str(_source_dir())]
+        sys.modules[_PACKAGE] = package
+    return importlib.import_module(f"{_PACKAGE}.{name}")
 
 
 def _rank_state(md, rank: int):

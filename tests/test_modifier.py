@@ -23,6 +23,7 @@ def test_shipped_recipes_parse(name):
     (modifier,) = recipe.modifiers
     assert isinstance(modifier, UniPruningModifier)
     assert modifier.ignore == ["re:.*lm_head"]
+    assert modifier.reconstruct == "least_squares"  # the benchmark's best row (docs/benchmarks.md)
 
 
 def test_yaml_string_recipe():
@@ -65,6 +66,9 @@ def test_string_target_is_one_pattern():
         ({"sparsity": 0.5, "lam": 1.0}, "lam"),
         ({"sparsity": 0.5, "nm_order": "random"}, "nm_order"),
         ({"sparsity": 0.5, "spasity": 0.5}, "spasity"),
+        ({"sparsity": 0.5, "reconstruct": "obs"}, "reconstruct"),
+        ({"sparsity": 0.5, "damping": -0.1}, "damping"),
+        ({"sparsity": 0.5, "reconstruct_iterations": 0}, "reconstruct_iterations"),
     ],
 )
 def test_bad_fields_are_rejected_with_the_field_named(fields, message):

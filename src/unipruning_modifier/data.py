@@ -51,7 +51,7 @@ def read_text(source: str, split: str = "train", text_column: str = "text") -> s
 
 def token_stream(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D tensor of token ids (no special tokens added)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

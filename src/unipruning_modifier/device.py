@@ -52,6 +52,13 @@ def select_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the device."""
+    if tensor.device == device or device.type == "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _backend(device: torch.device):
     """torch.cuda or torch.npu for accelerator devices, None for the CPU."""
     return getattr(torch, device.type, None) if device.type in ("cuda", "npu") else None

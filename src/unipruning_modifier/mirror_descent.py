@@ -14,14 +14,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .device import to_device
+
 # Above this many entries the lambda-quantile is estimated on a random sample.
 EXACT_QUANTILE_LIMIT = 1_000_000
 QUANTILE_SAMPLE_SIZE = 100_000
 
 
-def soft_threshold(z: torch.Tensor, threshold: float) -> torch.Tensor:
-    """sign(z) * max(|z| - t, 0): the proximal map of the elastic-net potential."""
-    return torch.sign(z) * (z.abs() - threshold).clamp_min(0)
+def soft_threshold(z: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """sign(z) * max(|z| - t, 0): the proximal map of the elastic-net potential (= z - clip(z, -t, t))."""
+    return z - _clip(z, threshold)
+
+
+def _clip(z: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(threshold, dtype=z.dtype, device=z.device)
+    return torch.minimum(torch.maximum(z, -t), t)
 
 
 def quantile_threshold(
@@ -30,22 +37,23 @@ def quantile_threshold(
     generator: torch.Generator | None = None,
     exact_limit: int = EXACT_QUANTILE_LIMIT,
     sample_size: int = QUANTILE_SAMPLE_SIZE,
-) -> float:
-    """The q-quantile of ``values`` (lower order statistic, no interpolation).
+) -> torch.Tensor:
+    """The q-quantile of ``values`` (lower order statistic, no interpolation), a 0-dim tensor.
 
     Tensors over ``exact_limit`` entries are estimated on ``sample_size`` entries drawn with
-    replacement using ``generator`` (CPU), which keeps the cost flat for 7B-class layers.
+    replacement using ``generator`` (CPU), which keeps the cost flat for 7B-class layers. The
+    result stays on the values' device (no host synchronisation).
     """
     if not 0.0 <= q < 1.0:
         raise ValueError(f"quantile must be in [0, 1), got {q}")
     flat = values.reshape(-1)
     if q == 0.0 or flat.numel() == 0:
-        return 0.0
+        return torch.zeros((), dtype=torch.float32, device=values.device)
     if flat.numel() > exact_limit:
         index = torch.randint(flat.numel(), (sample_size,), generator=generator)
-        flat = flat[index.to(flat.device)]
+        flat = flat[to_device(index, flat.device)]
     k = min(flat.numel(), max(1, math.ceil(round(q * flat.numel(), 6))))
-    return float(flat.float().kthvalue(k).values)
+    return flat.float().kthvalue(k).values
 
 
 @dataclass
@@ -55,7 +63,7 @@ class SaliencyState:
     z: torch.Tensor
     first_step: torch.Tensor
     anchor_mean: torch.Tensor
-    threshold: float = 0.0
+    threshold: float | torch.Tensor = 0.0
     steps: int = 0
 
     @classmethod
@@ -86,7 +94,10 @@ def mirror_descent_step(
     """
     step = state.steps
     anchor = anchor.to(state.z.device, torch.float32)
-    state.z.add_(anchor - state.gamma, alpha=kappa)
+    # z + kappa (S - Gamma) with Gamma = z - clip(z, -t, t), written to need one temporary
+    clipped = _clip(state.z, state.threshold)
+    state.z.mul_(1.0 - kappa).add_(anchor, alpha=kappa).add_(clipped, alpha=kappa)
+    del clipped
     magnitude = state.z.abs()
     state.threshold = quantile_threshold(magnitude, lam, generator)
     entered = (magnitude > state.threshold) & (state.first_step < 0)
@@ -115,9 +126,9 @@ def all_reduce_state(state: SaliencyState) -> None:
     dist.all_reduce(state.z)
     state.anchor_mean.mul_(weight)
     dist.all_reduce(state.anchor_mean)
-    threshold = torch.tensor([state.threshold / world], device=state.z.device, dtype=torch.float64)
+    threshold = torch.as_tensor(state.threshold, dtype=torch.float64, device=state.z.device).reshape(1) / world
     dist.all_reduce(threshold)
-    state.threshold = float(threshold.item())
+    state.threshold = threshold.reshape(()).float()
 
     never = torch.iinfo(torch.int32).max
     first = torch.where(state.first_step < 0, torch.full_like(state.first_step, never), state.first_step)

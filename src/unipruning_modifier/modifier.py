@@ -25,6 +25,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from .masks import global_allocation, nm_mask, parse_mask_structure, row_mask, saliency_keys, unstructured_mask
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
+from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
 
 __all__ = ["UniPruningModifier"]
@@ -65,6 +66,11 @@ class UniPruningModifier(Modifier):
     :param clamp: largest deviation of a layer's sparsity from the target under "global".
     :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
     :param seed: seed of the stochastic sums and quantile samples.
+    :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
+        mask, re-fit the kept weights of each layer to its calibration outputs (needs the
+        layer's input Gram matrix, in x in fp32, while the layer is calibrated).
+    :param damping: fraction of mean(diag H) added to H's diagonal for the re-fit.
+    :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
     """
 
     requires_calibration_data: bool = True
@@ -82,6 +88,9 @@ class UniPruningModifier(Modifier):
     clamp: float = Field(default=0.1, ge=0, le=1)
     nm_order: Literal["gamma", "first_step"] = "gamma"
     seed: int = 0
+    reconstruct: Literal["none", "least_squares"] = "none"
+    damping: float = Field(default=0.01, ge=0)
+    reconstruct_iterations: int | None = Field(default=None, ge=1)
 
     _n: int = PrivateAttr(default=0)
     _m: int = PrivateAttr(default=0)
@@ -90,6 +99,7 @@ class UniPruningModifier(Modifier):
     _states: dict[str, SaliencyState] = PrivateAttr(default_factory=dict)
     _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
     _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _grams: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
 
     @field_validator("targets", "ignore", mode="before")
@@ -202,6 +212,8 @@ class UniPruningModifier(Modifier):
             generator=generator,
         )
         mirror_descent_step(self._states[name], anchor, self.kappa, self.lam, generator)
+        if self.reconstruct != "none":
+            self._grams[name] = accumulate_gram(inputs, *self._grams.get(name, (None, 0)))
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
@@ -219,9 +231,14 @@ class UniPruningModifier(Modifier):
             saliency = self._states.pop(name)
             self._generators.pop(name)
             all_reduce_state(saliency)
+            if name in self._grams:
+                self._grams[name] = all_reduce_gram(*self._grams[name])
             keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self.nm_order if self._m else "gamma")
             if self.allocation == "global":
                 self._deferred[name] = [k.to("cpu", torch.bfloat16) for k in keys]
+                if name in self._grams:
+                    gram, count = self._grams[name]
+                    self._grams[name] = (gram.cpu(), count)
                 continue
             sparsity = self._layer_sparsity[name]
             if self._m:
@@ -240,9 +257,18 @@ class UniPruningModifier(Modifier):
         self._deferred = {}
 
     def _apply_mask(self, name: str, module: torch.nn.Module, mask: torch.Tensor, steps: int | None) -> None:
-        """Zero the pruned weights; kept weights keep their original values bit for bit."""
+        """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
+        ``reconstruct`` re-fits them to the layer's calibration outputs."""
+        gram, _ = self._grams.pop(name, (None, 0))
         with torch.no_grad(), align_module_device(module):
-            pruned = module.weight.masked_fill(~mask.to(module.weight.device), 0)
+            weight = module.weight
+            mask = mask.to(weight.device)
+            if gram is None:
+                pruned = weight.masked_fill(~mask, 0)
+            else:
+                iterations = self.reconstruct_iterations or default_iterations(weight.shape[1])
+                fitted = least_squares(weight, gram.to(weight.device), mask, self.damping, iterations)
+                pruned = fitted.to(weight.dtype).masked_fill(~mask, 0)
         update_offload_parameter(module, "weight", pruned)
         self._pruned.add(name)
         achieved = 1.0 - mask.sum().item() / mask.numel()
@@ -252,7 +278,7 @@ class UniPruningModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         self.remove_hooks()
         missed = sorted(set(self._names.values()) - self._pruned)
-        self._states, self._generators, self._deferred = {}, {}, {}
+        self._states, self._generators, self._deferred, self._grams = {}, {}, {}, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .device import to_device
+
 METRICS = ("stochastic_ria", "ria", "wanda")
 
 # Exponent a of the activation term s_j^a, per metric, as in the authors' scripts.
@@ -71,8 +73,8 @@ def stochastic_ria_score(
     """
     out_features, in_features = abs_weight.shape
     tau = subset_size(out_features, in_features, beta)
-    rows = torch.randperm(out_features, generator=generator)[:tau].to(abs_weight.device)
-    cols = torch.randperm(in_features, generator=generator)[:tau].to(abs_weight.device)
+    rows = to_device(torch.randperm(out_features, generator=generator)[:tau], abs_weight.device)
+    cols = to_device(torch.randperm(in_features, generator=generator)[:tau], abs_weight.device)
     column_sums = abs_weight.index_select(0, rows).sum(dim=0)
     row_sums = abs_weight.index_select(1, cols).sum(dim=1)
     return ria_score(abs_weight, energy, exponent, column_sums, row_sums)
@@ -80,10 +82,7 @@ def stochastic_ria_score(
 
 def normalise(score: torch.Tensor) -> torch.Tensor:
     """Scale a score tensor in place to mean |S| = 1 (all-zero scores stay zero)."""
-    mean = score.abs().mean()
-    if mean > 0:
-        score.div_(mean)
-    return score
+    return score.div_(score.abs().mean().clamp_min(_TINY))  # no host sync on accelerators
 
 
 def local_saliency(
