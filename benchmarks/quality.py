@@ -201,6 +201,9 @@ def parse_extra(items: list[str]) -> dict:
     return extra
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
+
+
 def default_text(shared: str, demo) -> str:
     return shared if Path(shared).is_file() else demo()
 
@@ -435,9 +438,9 @@ def parse_args(argv=None):
                         help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--configs", nargs="+", default=["0.5", "0.6", "0.7", "2:4", "4:8"],
                         help="unstructured sparsity p, or N:M (N weights kept in every M)")
-    parser.add_argument("--calib", default=default_text("/work/shared/data/calib.txt", updata.demo_calibration_text),
+    parser.add_argument("--calib", default=default_text(str(SHARED / "data" / "calib.txt"), updata.demo_calibration_text),
                         metavar="TEXT_FILE", help="calibration text")
-    parser.add_argument("--eval", default=default_text("/work/shared/data/dev_eval.txt", updata.demo_eval_text),
+    parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text),
                         metavar="TEXT_FILE", help="evaluation text")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="calibration window length (tokens)")
