@@ -254,6 +254,9 @@ class Benchmark:
             self.tokenizer, args.calib, args.num_samples, args.seq_len, args.seed
         )
         self.eval_tokens = updata.token_stream(self.tokenizer, updata.read_text(args.eval))
+        self.heldout_tokens = (
+            updata.token_stream(self.tokenizer, updata.read_text(args.heldout)) if args.heldout else None
+        )
         used = min(self.eval_tokens.numel(), args.eval_tokens) // args.eval_window * args.eval_window
         self.eval_tokens_used = used
         if len(self.calib_ds) < args.num_samples:
@@ -303,10 +306,14 @@ class Benchmark:
         self.results.append(row)
         return row
 
-    def evaluate(self, model) -> tuple[float, float, list[str]]:
+    def evaluate(self, model) -> tuple[float, dict, list[str]]:
+        """Achieved sparsity, {"ppl": on --eval, "ppl_heldout": on --heldout if given}, target names."""
         names = target_names(model)
         sparsity = evaluation.total_sparsity(model, names)
-        ppl = evaluation.perplexity(model, self.eval_tokens, self.args.eval_window, self.args.eval_tokens)
+        window, limit = self.args.eval_window, self.args.eval_tokens
+        ppl = {"ppl": evaluation.perplexity(model, self.eval_tokens, window, limit)}
+        if self.heldout_tokens is not None:
+            ppl["ppl_heldout"] = evaluation.perplexity(model, self.heldout_tokens, window, limit)
         return sparsity, ppl, names
 
     def dense(self) -> None:
@@ -315,8 +322,8 @@ class Benchmark:
         try:
             model = self.load()
             sparsity, ppl, _ = self.evaluate(model)
-            self.record("dense", "-", sparsity=sparsity, ppl=ppl, target_sparsity=0.0)
-            log(f"dense: ppl {ppl:.4f}")
+            self.record("dense", "-", sparsity=sparsity, **ppl, target_sparsity=0.0)
+            log(f"dense: {ppl}")
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
             self.failed("dense", "-", error)
         finally:
@@ -363,14 +370,14 @@ class Benchmark:
                 method,
                 str(config),
                 sparsity=sparsity,
-                ppl=ppl,
+                **ppl,
                 seconds=timing["seconds"],
                 peak_memory_mb=memory.peak_mb,
                 rss_peak_mb=memory.rss_peak_mb,
                 device_peak_mb=memory.device_peak_mb,
                 **checks,
             )
-            log(f"{method} {config}: sparsity {sparsity:.4f} ppl {ppl:.4f} in {timing['seconds']:.1f}s")
+            log(f"{method} {config}: sparsity {sparsity:.4f} {ppl} in {timing['seconds']:.1f}s")
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
             self.failed(method, str(config), error)
         finally:
@@ -442,6 +449,8 @@ def parse_args(argv=None):
                         metavar="TEXT_FILE", help="calibration text")
     parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text),
                         metavar="TEXT_FILE", help="evaluation text")
+    parser.add_argument("--heldout", default=None, metavar="TEXT_FILE",
+                        help="a second held-out text, never used to choose settings (adds ppl_heldout)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="calibration window length (tokens)")
     parser.add_argument("--eval-window", type=int, default=1024, help="perplexity window (tokens)")

@@ -147,7 +147,7 @@ def test_saved_recipe_round_trips(tiny_model_path, calibration, tokenizer, tmp_p
     model.save_pretrained(tmp_path / "out")
     (parsed,) = Recipe.create_instance(str(tmp_path / "out" / "recipe.yaml")).modifiers
     assert isinstance(parsed, UniPruningModifier)
-    fields = set(UniPruningModifier.model_fields) - {"index", "group"} - {n for n in parsed.model_fields if n.endswith("_")}
+    fields = set(UniPruningModifier.model_fields) - {"index", "group"} - {n for n in UniPruningModifier.model_fields if n.endswith("_")}
     assert {f: getattr(parsed, f) for f in fields} == {f: getattr(recipe, f) for f in fields}
 
     reloaded = load(str(tmp_path / "out"))
@@ -176,3 +176,14 @@ def test_demo_model_reconstruction_beats_masking_alone(tokenizer):
                 assert torch.equal(param, before[name]), name
         results[reconstruct] = perplexity(model, tokens, window=256, max_tokens=4096)
     assert math.isfinite(results["none"]) and dense < results["least_squares"] < results["none"]
+
+
+def test_global_allocation_with_reconstruction(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(sparsity=0.7, allocation="global", clamp=0.1, reconstruct="least_squares")
+    model, before = prune(tiny_model_path, recipe, calibration, tokenizer)
+    targets = target_names(model)
+    weights = linear_weights(model)
+    total = sum(weights[n].numel() for n in targets)
+    zeros = sum(int((weights[n] == 0).sum()) for n in targets)
+    assert abs(zeros - (total - kept_count(total, 0.7))) <= 1
+    assert_only_masked(model, before, targets, kept_unchanged=False)

@@ -52,8 +52,13 @@ def quantile_threshold(
     if flat.numel() > exact_limit:
         index = torch.randint(flat.numel(), (sample_size,), generator=generator)
         flat = flat[to_device(index, flat.device)]
-    k = min(flat.numel(), max(1, math.ceil(round(q * flat.numel(), 6))))
-    return flat.float().kthvalue(k).values
+    count = flat.numel()
+    k = min(count, max(1, math.ceil(round(q * count, 6))))
+    flat = flat.float()
+    # kth smallest via topk: CUDA's kthvalue runs one block per slice, slow on one large slice
+    if k <= count // 2:
+        return flat.topk(k, largest=False, sorted=False).values.max()
+    return flat.topk(count - k + 1, largest=True, sorted=False).values.min()
 
 
 @dataclass

@@ -95,6 +95,7 @@ class UniPruningModifier(Modifier):
     _n: int = PrivateAttr(default=0)
     _m: int = PrivateAttr(default=0)
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
     _states: dict[str, SaliencyState] = PrivateAttr(default_factory=dict)
     _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
@@ -169,6 +170,7 @@ class UniPruningModifier(Modifier):
                         f"of {self._m} required by mask_structure {self.mask_structure!r}; add it to ignore"
                     )
         self._layer_sparsity = self._sparsity_per_module(state.model, targets, kwargs.get("sequential_targets"))
+        self._modules = targets
         self._names = {module: name for name, module in targets.items()}
         return True
 
@@ -226,7 +228,6 @@ class UniPruningModifier(Modifier):
 
     def _finish_calibrated_layers(self) -> None:
         """Reduce across ranks, then mask each calibrated layer (or keep its keys for "global")."""
-        modules = {name: module for module, name in self._names.items()}
         for name in list(self._states):
             saliency = self._states.pop(name)
             self._generators.pop(name)
@@ -247,19 +248,19 @@ class UniPruningModifier(Modifier):
                 mask = row_mask(keys, sparsity)
             else:
                 mask = unstructured_mask(keys, sparsity)
-            self._apply_mask(name, modules[name], mask, saliency.steps)
+            self._apply_mask(name, mask, saliency.steps)
 
     def _apply_global_budget(self) -> None:
-        modules = {name: module for module, name in self._names.items()}
         keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
         for name, keys in self._deferred.items():
-            self._apply_mask(name, modules[name], unstructured_mask([k.float() for k in keys], keep=keep[name]), None)
+            self._apply_mask(name, unstructured_mask([k.float() for k in keys], keep=keep[name]), None)
         self._deferred = {}
 
-    def _apply_mask(self, name: str, module: torch.nn.Module, mask: torch.Tensor, steps: int | None) -> None:
+    def _apply_mask(self, name: str, mask: torch.Tensor, steps: int | None) -> None:
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
         ``reconstruct`` re-fits them to the layer's calibration outputs."""
         gram, _ = self._grams.pop(name, (None, 0))
+        module = self._modules[name]
         with torch.no_grad(), align_module_device(module):
             weight = module.weight
             mask = mask.to(weight.device)
