@@ -12,19 +12,18 @@ common=(--calib "$shared/data/calib.txt" --eval "$shared/data/dev_eval.txt"
         --eval-window 1024 --eval-tokens 131072 --dtype float32 --output "$out/quality.jsonl")
 q() { python3 "$here/quality.py" "$model" "${common[@]}" "$@" 2>>"$out/quality.log"; }
 
-# 1. every method at the settings; UniPruning as shipped (least-squares re-fit) and mask-only
+# 1. every method at the settings; UniPruning as shipped (least-squares re-fit)
 q --methods wanda sparsegpt magnitude --configs 0.5 0.6 0.7 2:4
 q --methods unipruning --configs 0.5 0.6 0.7 2:4 --no-dense --label shipped --unipruning-args reconstruct=least_squares
-q --methods unipruning --configs 0.5 0.6 0.7 2:4 --no-dense --label mask-only
-# 2. global budget (one threshold over all layers, clamp 0.1) at high sparsity
-q --methods unipruning --configs 0.6 0.7 0.8 --no-dense --label global \
-  --unipruning-args reconstruct=least_squares allocation=global clamp=0.1
-q --methods unipruning sparsegpt --configs 0.8 --no-dense --label layer-0.8 --unipruning-args reconstruct=least_squares
-
-# 3. cost on 7B-class layers: two Llama-2-7B-shaped decoder layers, random bf16 weights
-python3 "$here/make_llama.py" "$out/llama7b-2l" --hidden 4096 --intermediate 11008 --layers 2 --heads 32 >&2
-python3 "$here/quality.py" "$out/llama7b-2l" --methods wanda sparsegpt unipruning --configs 0.5 \
-  --calib "$shared/data/calib.txt" --eval "$shared/data/dev_eval.txt" --num-samples 32 --seq-len 2048 \
+# 2. cost on 7B-class layers: two Llama-2-7B-shaped decoder layers, random bf16 weights
+python3 "$here/make_llama.py" "${TMPDIR:-/tmp}/llama7b-2l" --hidden 4096 --intermediate 11008 --layers 2 --heads 32 >&2
+python3 "$here/quality.py" "${TMPDIR:-/tmp}/llama7b-2l" --methods wanda sparsegpt unipruning --configs 0.5 \
+  --calib "$shared/data/calib.txt" --eval "$shared/data/dev_eval.txt" --num-samples 16 --seq-len 2048 \
   --eval-window 1024 --eval-tokens 2048 --dtype bfloat16 --no-dense --label llama7b-shapes \
   --unipruning-args reconstruct=least_squares --output "$out/cost.jsonl" 2>>"$out/cost.log"
-rm -rf "$out/llama7b-2l"
+rm -rf "${TMPDIR:-/tmp}/llama7b-2l"
+
+# 3. global budget (one threshold over all layers, clamp 0.1) at high sparsity
+q --methods unipruning --configs 0.7 0.8 --no-dense --label global \
+  --unipruning-args reconstruct=least_squares allocation=global clamp=0.1
+q --methods unipruning sparsegpt --configs 0.8 --no-dense --label layer-0.8 --unipruning-args reconstruct=least_squares
