@@ -97,3 +97,13 @@ def test_prune_tiny_model_end_to_end(capsys, tmp_path, tiny_model_path):
     for name, weight in linear_weights(model).items():
         if name != "lm_head":
             assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) == 2), name
+
+
+def test_recipe_that_does_not_fit_the_model_fails_before_calibration(capsys, tmp_path):
+    """The demo model's down_proj has 704 inputs, not a multiple of 128."""
+    recipe = write(tmp_path / "r.yaml", "s_stage:\n  s_modifiers:\n    UniPruningModifier: {mask_structure: '64:128'}\n")
+    start = time.perf_counter()
+    code, _, err = run(capsys, "--recipe", recipe, "--output", str(tmp_path / "out"), *FAST)
+    assert code == 2 and "mlp.down_proj has 704 inputs, not a multiple of 128" in err
+    assert not (tmp_path / "out").exists()
+    assert time.perf_counter() - start < 60

@@ -172,7 +172,10 @@ def prune(args: argparse.Namespace) -> dict:
     if eval_tokens.numel() < args.eval_window:
         raise UsageError(f"--eval-text {eval_path}: {eval_tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
     pruners = [m for m in recipe.modifiers if isinstance(m, UniPruningModifier)]
-    targets = sorted({name for m in pruners for name in m.target_modules(model)})
+    try:
+        targets = sorted({name for m in pruners for name in m.check_model(model)[0]})
+    except ValueError as error:
+        raise UsageError(f"--recipe {recipe_path}: {error}") from error
 
     log("perplexity of the dense model")
     ppl_dense = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)

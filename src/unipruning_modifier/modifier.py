@@ -158,8 +158,15 @@ class UniPruningModifier(Modifier):
             found[name] = module
         return found
 
-    def on_initialize(self, state: State, **kwargs) -> bool:
-        targets = self.target_modules(state.model)
+    def check_model(
+        self, model: torch.nn.Module, sequential_targets=None
+    ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+        """Target layers and their sparsity, after checking they fit the recipe.
+
+        Raises ValueError naming the layer (N:M on an input size that is not a multiple of M, a
+        per-layer list that does not match the decoder layers, no target at all).
+        """
+        targets = self.target_modules(model)
         if not targets:
             raise ValueError(f"UniPruningModifier: targets {self.targets} (ignore {self.ignore}) match no Linear layer")
         if self._m:
@@ -169,7 +176,10 @@ class UniPruningModifier(Modifier):
                         f"UniPruningModifier: layer {name} has {module.in_features} inputs, not a multiple "
                         f"of {self._m} required by mask_structure {self.mask_structure!r}; add it to ignore"
                     )
-        self._layer_sparsity = self._sparsity_per_module(state.model, targets, kwargs.get("sequential_targets"))
+        return targets, self._sparsity_per_module(model, targets, sequential_targets)
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
         return True
