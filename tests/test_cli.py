@@ -10,7 +10,9 @@ import torch
 
 from unipruning_modifier.cli import main
 
-from .conftest import REPO, linear_weights, load
+from unipruning_modifier.checkpoint.io import load_sparse, sparse_config_of
+
+from .conftest import REPO, linear_weights
 
 FAST = ["--num-samples", "4", "--seq-len", "64", "--eval-window", "128", "--eval-tokens", "1024"]
 
@@ -93,7 +95,8 @@ def test_prune_tiny_model_end_to_end(capsys, tmp_path, tiny_model_path):
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no partial folder left
     assert (out_dir / "recipe.yaml").is_file() and (out_dir / "tokenizer.json").is_file()
-    model = load(str(out_dir))
+    assert sparse_config_of(out_dir)["format"] == "sparse-24-bitmask" and result["checkpoint_mb"] > 0
+    model = load_sparse(out_dir)
     for name, weight in linear_weights(model).items():
         if name != "lm_head":
             assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) == 2), name

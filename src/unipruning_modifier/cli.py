@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -74,7 +75,14 @@ def check_output(value: str, overwrite: bool) -> Path:
 
 
 def publish(staging: Path, output: Path) -> None:
-    """Move a complete checkpoint into place (replacing an old one only now)."""
+    """Move a complete checkpoint into place (replacing an old one only now).
+
+    The staging folder is private while it is written (mkdtemp); the result gets the usual
+    permissions of a new folder under the user's umask.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     if output.exists():
         shutil.rmtree(output) if output.is_dir() else output.unlink()
     staging.rename(output)
@@ -90,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-text", help="held-out text file for perplexity (default: built-in text)")
     prune.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
     prune.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    prune.add_argument(
+        "--save-format", choices=("sparse", "dense"), default="sparse",
+        help="sparse: pruned layers as sparse-24-bitmask / sparse-bitmask (unquantized models); dense: zeros",
+    )
     prune.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128; demo 64)")
     prune.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512; demo 256)")
     prune.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
@@ -197,7 +209,8 @@ def prune(args: argparse.Namespace) -> dict:
     model.to(saved_dtype)  # exact: kept weights were only upcast from this dtype
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        model.save_pretrained(staging)
+        sparse_save = hasattr(model, "_unipruning_sparse")  # set when a UniPruningModifier pruned it
+        model.save_pretrained(staging, **({"sparse_format": "dense"} if sparse_save and args.save_format == "dense" else {}))
         tokenizer.save_pretrained(staging)
         publish(staging, output)
     finally:
@@ -214,6 +227,7 @@ def prune(args: argparse.Namespace) -> dict:
         "layer_sparsity": per_layer,
         "ppl_dense": ppl_dense,
         "ppl_pruned": ppl_pruned,
+        "checkpoint_mb": sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**20,
         "seconds": clock["seconds"],
         "peak_memory_mb": memory.peak_mb,
         "rss_peak_mb": memory.rss_peak_mb,

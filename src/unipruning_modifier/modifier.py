@@ -22,7 +22,9 @@ from llmcompressor.modifiers.modifier import Modifier
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
+from transformers import PreTrainedModel
 
+from .checkpoint.io import enable_sparse_save
 from .masks import global_allocation, nm_mask, parse_mask_structure, row_mask, saliency_keys, unstructured_mask
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
 from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
@@ -288,6 +290,9 @@ class UniPruningModifier(Modifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self.remove_hooks()
+        if self._pruned and isinstance(state.model, PreTrainedModel):
+            structure = f"{self._n}:{self._m}" if self._m else "unstructured"
+            enable_sparse_save(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams = {}, {}, {}, {}
         if missed:
