@@ -251,7 +251,7 @@ class Benchmark:
         self.extra = parse_extra(args.unipruning_args)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model)
         self.calib_ds = updata.calibration_dataset(
-            self.tokenizer, args.calib, args.num_samples, args.seq_len, args.seed
+            self.tokenizer, updata.read_text(args.calib), args.num_samples, args.seq_len, args.seed
         )
         self.eval_tokens = updata.token_stream(self.tokenizer, updata.read_text(args.eval))
         self.heldout_tokens = (

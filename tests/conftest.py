@@ -49,7 +49,7 @@ def tiny_model_path(tmp_path_factory, tokenizer) -> str:
 @pytest.fixture(scope="session")
 def calibration(tokenizer):
     """16 windows of 64 tokens of the demo calibration text."""
-    return data.calibration_dataset(tokenizer, data.demo_calibration_text(), num_samples=16, seq_len=64)
+    return data.calibration_dataset(tokenizer, data.read_text(data.demo_calibration_text()), num_samples=16, seq_len=64)
 
 
 def load(path: str):

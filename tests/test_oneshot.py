@@ -160,7 +160,7 @@ def test_saved_recipe_round_trips(tiny_model_path, calibration, tokenizer, tmp_p
 def test_demo_model_reconstruction_beats_masking_alone(tokenizer):
     from unipruning_modifier.evaluation import perplexity
 
-    calibration = data.calibration_dataset(tokenizer, data.demo_calibration_text(), num_samples=16, seq_len=128)
+    calibration = data.calibration_dataset(tokenizer, data.read_text(data.demo_calibration_text()), num_samples=16, seq_len=128)
     tokens = data.token_stream(tokenizer, data.read_text(data.demo_eval_text()))
     dense = perplexity(load(data.demo_model_path()), tokens, window=256, max_tokens=4096)
     results = {}

@@ -157,9 +157,10 @@ def prune(args: argparse.Namespace) -> dict:
     except ValueError as error:
         raise UsageError(f"--device: {error}") from error
     recipe = load_recipe(recipe_path)
+    texts = {}
     for flag, source in (("--dataset", dataset), ("--eval-text", eval_path)):
         try:
-            data.read_text(source)
+            texts[flag] = data.read_text(source)
         except (OSError, ValueError) as error:
             raise UsageError(f"{flag}: {error}") from error
 
@@ -179,8 +180,8 @@ def prune(args: argparse.Namespace) -> dict:
     except OSError as error:
         raise UsageError(f"--model {args.model}: cannot load it ({error})") from error
 
-    calibration = data.calibration_dataset(tokenizer, dataset, num_samples, seq_len, args.seed)
-    eval_tokens = data.token_stream(tokenizer, data.read_text(eval_path))
+    calibration = data.calibration_dataset(tokenizer, texts["--dataset"], num_samples, seq_len, args.seed)
+    eval_tokens = data.token_stream(tokenizer, texts["--eval-text"])
     if eval_tokens.numel() < args.eval_window:
         raise UsageError(f"--eval-text {eval_path}: {eval_tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
     pruners = [m for m in recipe.modifiers if isinstance(m, UniPruningModifier)]

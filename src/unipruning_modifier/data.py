@@ -70,11 +70,11 @@ def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, se
     return windows[order.sort().values]
 
 
-def calibration_dataset(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0):
-    """A ``datasets.Dataset`` of tokenized windows, ready for ``oneshot(dataset=...)``."""
+def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int = 0):
+    """A ``datasets.Dataset`` of tokenized windows of ``text`` (see ``read_text``), for ``oneshot``."""
     import datasets
 
-    windows = calibration_windows(token_stream(tokenizer, read_text(source)), num_samples, seq_len, seed)
+    windows = calibration_windows(token_stream(tokenizer, text), num_samples, seq_len, seed)
     return datasets.Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
     )

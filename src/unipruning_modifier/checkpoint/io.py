@@ -107,13 +107,16 @@ def write_sparse(
     return result
 
 
-def load_sparse_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, sparse modules decompressed to ``P.weight``."""
+def load_sparse_state_dict(folder: str | os.PathLike, config: dict | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder, sparse modules decompressed to ``P.weight``.
+
+    ``config`` is the folder's sparsity_config when the caller already read it.
+    """
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
     for shard in _shards(folder):
         tensors.update(load_file(str(shard)))
-    config = sparse_config_of(folder)
+    config = config or sparse_config_of(folder)
     return decompress_state_dict(tensors, config["format"]) if config else tensors
 
 
@@ -127,12 +130,13 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None, tru
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    if sparse_config_of(folder) is None:
+    sparse = sparse_config_of(folder)
+    if sparse is None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    state_dict = load_sparse_state_dict(folder)
+    state_dict = load_sparse_state_dict(folder, sparse)
     stored = next(v.dtype for v in state_dict.values() if v.is_floating_point())
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
