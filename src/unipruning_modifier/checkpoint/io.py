@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from loguru import logger
 from safetensors.torch import load_file, save_file
 
 from .codecs import get_codec
@@ -177,6 +176,8 @@ def enable_sparse_save(
             chosen = sparse_format or ("sparse-24-bitmask" if structure == "2:4" else "sparse-bitmask")
             written = write_sparse(save_directory, spec["modules"], chosen, structure, spec["targets"], spec["ignore"])
             if written is None and chosen != "dense":
+                from loguru import logger
+
                 logger.warning("UniPruning: quantized checkpoint written dense with zeros (sparse + quantized formats are not supported yet)")
 
         model.save_pretrained = save_pretrained
