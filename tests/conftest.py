@@ -79,3 +79,14 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
 
 def all_parameters(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def caplog_loguru():
+    """Messages logged through loguru (llm-compressor's logger) during the test."""
+    from loguru import logger
+
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="INFO")
+    yield messages
+    logger.remove(sink)

@@ -111,13 +111,15 @@ CT_SCRIPT = textwrap.dedent(
         "sparse-bitmask": BitmaskCompressor(config=BitmaskConfig()),
     }
     for fmt, compressor in compressors.items():
-        dense_sd = {k[len("sd::"):]: v for k, v in inputs.items() if k.startswith("sd::")}
-        compressed = compressor.compress(dense_sd, compression_targets=set(job["targets"]))
-        for k, v in compressed.items():
-            out[f"sdct::{fmt}::{k}"] = v.contiguous()
-        ours = {k[len(f"sdours::{fmt}::"):]: v for k, v in inputs.items() if k.startswith(f"sdours::{fmt}::")}
-        for k, v in compressor.decompress_from_state_dict(ours):
-            out[f"sddec::{fmt}::{k}"] = v.contiguous()
+        for tag in job["sd_dtypes"]:
+            dense_sd = {k[len(f"sd::{tag}::"):]: v for k, v in inputs.items() if k.startswith(f"sd::{tag}::")}
+            compressed = compressor.compress(dense_sd, compression_targets=set(job["targets"]))
+            for k, v in compressed.items():
+                out[f"sdct::{fmt}::{tag}::{k}"] = v.contiguous()
+            prefix = f"sdours::{fmt}::{tag}::"
+            ours = {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
+            for k, v in compressor.decompress_from_state_dict(ours):
+                out[f"sddec::{fmt}::{tag}::{k}"] = v.contiguous()
 
     configs = [SparsityCompressionConfig.load_from_registry(c["format"], **c).model_dump() for c in job["configs"]]
     save_file({k: v.contiguous().clone() for k, v in out.items()}, job["output"])
@@ -181,6 +183,7 @@ def ct014_python(tmp_path_factory) -> Path:
 # the cases
 # ------------------------------------------------------------------------------------------
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+SD_DTYPES = ["bf16", "fp8", "int8"]  # unquantized, FP8 and INT8 W8A8 checkpoints
 TARGETS = [
     "model.layers.0.self_attn.q_proj",
     "model.layers.0.mlp.down_proj",
@@ -256,14 +259,15 @@ def ct014_results(ct014_python, tmp_path_factory):
     for param, value in ours["24::int8_minus128"].items():
         inputs[f"ours24::int8_minus128.{param}"] = value
 
-    sd = llama_like_state_dict(torch.bfloat16)
-    for key, value in sd.items():
-        inputs[f"sd::{key}"] = value
+    sd = {tag: checkpoint_state_dict(DTYPES[tag]) for tag in SD_DTYPES}
     sd_ours = {}
-    for fmt in ("sparse-24-bitmask", "sparse-bitmask"):
-        sd_ours[fmt] = compress_state_dict(sd, TARGETS, fmt)
-        for key, value in sd_ours[fmt].items():
-            inputs[f"sdours::{fmt}::{key}"] = value
+    for tag in SD_DTYPES:
+        for key, value in sd[tag].items():
+            inputs[f"sd::{tag}::{key}"] = value
+        for fmt in ("sparse-24-bitmask", "sparse-bitmask"):
+            sd_ours[fmt, tag] = compress_state_dict(sd[tag], TARGETS, fmt)
+            for key, value in sd_ours[fmt, tag].items():
+                inputs[f"sdours::{fmt}::{tag}::{key}"] = value
 
     save_file({k: v.contiguous().clone() for k, v in inputs.items()}, str(work / "inputs.safetensors"))
     (work / "ct_script.py").write_text(CT_SCRIPT)
@@ -272,6 +276,7 @@ def ct014_results(ct014_python, tmp_path_factory):
         "output": str(work / "outputs.safetensors"),
         "report": str(work / "report.json"),
         "targets": TARGETS,
+        "sd_dtypes": SD_DTYPES,
         "configs": CONFIGS,
     }
     (work / "job.json").write_text(json.dumps(job))
@@ -288,6 +293,19 @@ def ct014_results(ct014_python, tmp_path_factory):
         "sd": sd,
         "sd_ours": sd_ours,
     }
+
+
+def checkpoint_state_dict(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A bf16 Llama-like state dict whose target weights are stored in ``dtype`` (quantized for int8 / fp8).
+
+    int8 weights avoid -128, which compressed-tensors 0.14.0.1 drops (test_ct_drops_int8_minus_128_we_do_not).
+    """
+    sd = llama_like_state_dict(torch.bfloat16)
+    for seed, module in enumerate(TARGETS):
+        weight = sd[f"{module}.weight"]
+        stored = make_24(*weight.shape, dtype, seed=100 + seed)
+        sd[f"{module}.weight"] = stored.clamp(-127, 127) if dtype == torch.int8 else stored
+    return sd
 
 
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
@@ -350,17 +368,21 @@ def test_ct_decompresses_our_bitmask(ct014_results, case):
     assert_same(r["ct"][f"decbm::{case}"], want, case)
 
 
+@pytest.mark.parametrize("tag", SD_DTYPES)
 @pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "sparse-bitmask"])
-def test_state_dict_matches_ct(ct014_results, fmt):
+def test_state_dict_matches_ct(ct014_results, fmt, tag):
+    """Whole state dicts, quantized ones (int8 / fp8 weights, scales and zero points beside) included."""
     r = ct014_results
-    ct_sd = {k[len(f"sdct::{fmt}::"):]: v for k, v in r["ct"].items() if k.startswith(f"sdct::{fmt}::")}
-    ours = r["sd_ours"][fmt]
+    prefix = f"sdct::{fmt}::{tag}::"
+    ct_sd = {k[len(prefix):]: v for k, v in r["ct"].items() if k.startswith(prefix)}
+    ours = r["sd_ours"][fmt, tag]
     assert sorted(ct_sd) == sorted(ours)
     for key in ours:
         assert_same(ours[key], ct_sd[key], key)
-    back = {k[len(f"sddec::{fmt}::"):]: v for k, v in r["ct"].items() if k.startswith(f"sddec::{fmt}::")}
-    assert sorted(back) == sorted(r["sd"])
-    for key, value in r["sd"].items():
+    prefix = f"sddec::{fmt}::{tag}::"
+    back = {k[len(prefix):]: v for k, v in r["ct"].items() if k.startswith(prefix)}
+    assert sorted(back) == sorted(r["sd"][tag])
+    for key, value in r["sd"][tag].items():
         assert_same(back[key], value, key)
 
 

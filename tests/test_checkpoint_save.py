@@ -62,16 +62,12 @@ def test_sparse_checkpoint_is_smaller_and_opt_out_stays_dense(tiny_model_path, c
     assert torch.equal(logits(load_sparse(tmp_path / "sparse"), tokens), logits(load(str(tmp_path / "dense")), tokens))
 
 
-def test_quantized_checkpoint_stays_dense_with_zeros(tiny_model_path, calibration, tokenizer, tmp_path):
-    recipe = """
-sparsity_stage:
-  sparsity_modifiers:
-    UniPruningModifier: {mask_structure: "2:4", ignore: ["re:.*lm_head"]}
-quant_stage:
-  quant_modifiers:
-    QuantizationModifier: {targets: ["Linear"], ignore: ["lm_head"], scheme: FP8_DYNAMIC}
-"""
-    run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, output_dir=str(tmp_path / "out"))
-    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert not config.get("sparsity_config")
+def test_broken_24_pattern_is_left_dense_with_a_warning(tiny_model_path, calibration, tokenizer, tmp_path, caplog_loguru):
+    """A later stage that refills pruned weights must not be silently truncated on save."""
+    model = run_oneshot(load(tiny_model_path), UniPruningModifier(mask_structure="2:4"), calibration, tokenizer)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :4] = 1.0
+    model.save_pretrained(tmp_path / "out")
+    assert sparse_config_of(tmp_path / "out") is None
     assert "model.layers.0.mlp.down_proj.weight" in keys(tmp_path / "out")
+    assert any("model.layers.1.mlp.up_proj" in message and "MaskedGPTQModifier" in message for message in caplog_loguru)

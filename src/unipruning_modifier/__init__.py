@@ -1,6 +1,7 @@
-"""UniPruning for llm-compressor: ``import unipruning_modifier`` registers UniPruningModifier.
+"""UniPruning for llm-compressor: ``import unipruning_modifier`` registers our modifiers.
 
-After the import, recipes may name ``UniPruningModifier`` (YAML or objects) in ``oneshot``.
+After the import, recipes may name ``UniPruningModifier`` and ``MaskedGPTQModifier`` (GPTQ that
+keeps the pruning mask) in ``oneshot``, as YAML or objects.
 The compression side needs llm-compressor (``pip install unipruning-modifier[compress]``);
 a serving environment (``[serve]``, vLLM) has no llm-compressor, so there the package imports
 without the modifiers and only ``checkpoint`` and ``serving`` are usable.
@@ -14,7 +15,9 @@ __all__ = ["__version__"]
 if find_spec("llmcompressor") is not None:
     from llmcompressor.modifiers.factory import ModifierFactory
 
+    from .masked_gptq import MaskedGPTQModifier
     from .modifier import UniPruningModifier
 
-    __all__ += ["UniPruningModifier"]
-    ModifierFactory.register(UniPruningModifier.__name__, UniPruningModifier)
+    __all__ += ["MaskedGPTQModifier", "UniPruningModifier"]
+    for _modifier in (UniPruningModifier, MaskedGPTQModifier):
+        ModifierFactory.register(_modifier.__name__, _modifier)

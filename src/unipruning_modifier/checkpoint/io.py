@@ -3,8 +3,8 @@
 ``write_sparse`` turns the ``.weight`` of the pruned modules in every safetensors shard of a
 folder that ``save_pretrained`` just wrote into the format's tensors, updates the shard index,
 and adds ``quantization_config.sparsity_config`` to config.json. ``load_sparse`` reads such a
-folder into a transformers model (decompressed, dense weights with zeros). Unquantized
-checkpoints only for now: a folder that already carries a quantization config is left dense.
+folder into a transformers model. Quantized (FP8 / INT8) checkpoints are compressed after
+quantization, their scales stored beside; packed int4 weights stay as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .codecs import get_codec
+from .codecs import SUPPORTED_DTYPES, SparseFormatError, _nonzero, get_codec
 from .state_dict import compress_state_dict, decompress_state_dict, sparsity_config
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,6 +49,12 @@ def sparse_config_of(folder: str | os.PathLike) -> dict | None:
     return (config.get("quantization_config") or {}).get("sparsity_config") or None
 
 
+def _stored_weight(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor | None:
+    """The module's ``.weight`` when the sparse codecs can hold it (not packed int4)."""
+    weight = tensors.get(f"{module}.weight")
+    return weight if weight is not None and weight.dtype in SUPPORTED_DTYPES else None
+
+
 def write_sparse(
     folder: str | os.PathLike,
     module_names: Iterable[str],
@@ -56,60 +62,104 @@ def write_sparse(
     structure: str,
     targets: Iterable[str] = ("Linear",),
     ignore: Iterable[str] = (),
+    global_sparsity: float | None = None,
 ) -> dict | None:
     """Rewrite the checkpoint in ``folder`` so the modules' weights are stored in ``format``.
 
-    Returns the sparsity_config written to config.json, or None when nothing was written
-    (``format == "dense"``, or the checkpoint is quantized, which this does not handle yet).
-    Each shard is replaced atomically; ``global_sparsity`` is the fraction of zeros over all
-    parameters, as compressed-tensors computed it.
+    Quantized checkpoints are compressed after quantization, as compressed-tensors 0.14 did:
+    an FP8 / INT8 ``P.weight`` becomes the format's tensors and ``P.weight_scale`` etc. stay
+    beside it. A module stored packed (``P.weight_packed``, int4 W4A16) cannot be, and stays as
+    it is; when no module could be compressed the config says ``format: "dense"`` with the
+    structure, which is what llm-compressor 0.10 wrote for such models. The sparsity_config
+    goes into config.json's ``quantization_config`` (created if absent, merged if quantized).
+    Returns it, or None for ``format == "dense"`` (nothing written). Each shard is replaced
+    atomically. ``global_sparsity`` (zeros over all parameters, as compressed-tensors computed
+    it on the model) is counted over the stored floating-point tensors when not given.
     """
     folder = Path(folder)
     codec = get_codec(format)
+    if codec.format == "dense":
+        return None
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    if codec.format == "dense" or config.get("quantization_config"):
-        return None
     wanted = set(module_names)
+    if codec.sparsity_structure == "2:4":
+        _check_24(folder, wanted)
     zeros = total = 0
     weight_map: dict[str, str] = {}
+    compressed_any = False
     for shard in _shards(folder):
         with safe_open(str(shard), "pt") as handle:
             metadata = handle.metadata()
         tensors = load_file(str(shard))
-        for tensor in tensors.values():
-            if tensor.is_floating_point():
-                zeros += int((tensor == 0).sum())
-                total += tensor.numel()
-        here = [name for name in wanted if f"{name}.weight" in tensors]
-        compressed = compress_state_dict(tensors, here, codec.format)
-        _replace_file(shard, compressed, metadata)
+        if global_sparsity is None:
+            for tensor in tensors.values():
+                if tensor.is_floating_point():
+                    zeros += int((tensor == 0).sum())
+                    total += tensor.numel()
+        here = [name for name in wanted if _stored_weight(tensors, name) is not None]
+        compressed_any |= bool(here)
+        compressed = compress_state_dict(tensors, here, codec.format) if here else tensors
+        if here:
+            _replace_file(shard, compressed, metadata)
         weight_map.update({key: shard.name for key in compressed})
     index = folder / INDEX_NAME
-    if index.is_file():
+    if index.is_file() and compressed_any:
         data = json.loads(index.read_text())
         data["weight_map"] = dict(sorted(weight_map.items()))
         index.write_text(json.dumps(data, indent=2) + "\n")
 
-    result = sparsity_config(codec.format, zeros / total if total else 0.0, structure, list(targets), list(ignore))
-    try:
-        from compressed_tensors import __version__ as version
-    except ImportError:
-        version = None
-    config["quantization_config"] = {
+    if global_sparsity is None:
+        global_sparsity = zeros / total if total else 0.0
+    stored_format = codec.format if compressed_any else "dense"
+    result = sparsity_config(stored_format, global_sparsity, structure, list(targets), list(ignore))
+    quantization = config.get("quantization_config") or {
         "quant_method": "compressed-tensors",
-        "version": version,
-        "sparsity_config": result,
+        "version": _compressed_tensors_version(),
         "transform_config": {},
     }
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    quantization["sparsity_config"] = result
+    config["quantization_config"] = quantization
+    partial = config_path.with_name(".config.json.partial")
+    partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, config_path)
     return result
+
+
+def _check_24(folder: Path, modules: set[str]) -> None:
+    """Raise SparseFormatError naming every module whose stored weight breaks 2:4, before any write."""
+    broken = []
+    for shard in _shards(folder):
+        with safe_open(str(shard), "pt") as handle:
+            keys = set(handle.keys())
+            for module in sorted(modules):
+                if f"{module}.weight" not in keys:
+                    continue
+                weight = handle.get_tensor(f"{module}.weight")
+                if weight.dtype not in SUPPORTED_DTYPES or weight.shape[-1] % 4:
+                    continue
+                if int(_nonzero(weight).reshape(weight.shape[0], -1, 4).sum(-1).max()) > 2:
+                    broken.append(module)
+    if broken:
+        raise SparseFormatError(
+            f"{len(broken)} module(s) no longer hold 2 non-zeros per 4 inputs after the later stages "
+            f"(e.g. llm-compressor's GPTQModifier; use MaskedGPTQModifier to keep the mask): {broken[:5]}"
+        )
+
+
+def _compressed_tensors_version() -> str | None:
+    try:
+        from compressed_tensors import __version__
+    except ImportError:
+        return None
+    return __version__
 
 
 def load_sparse_state_dict(folder: str | os.PathLike, config: dict | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, sparse modules decompressed to ``P.weight``.
 
-    ``config`` is the folder's sparsity_config when the caller already read it.
+    ``config`` is the folder's sparsity_config when the caller already read it. Quantized
+    modules come back as their stored FP8 / INT8 ``P.weight`` beside their scales.
     """
     folder = Path(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -120,11 +170,14 @@ def load_sparse_state_dict(folder: str | os.PathLike, config: dict | None = None
 
 
 def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Load a causal LM saved by ``write_sparse`` (or a plain one) with dense weights.
+    """Load a causal LM saved by ``write_sparse`` (or a plain one), sparse tensors decompressed.
 
-    transformers and compressed-tensors 0.19 no longer read the sparse formats, so the model
-    is built from its config and given the decompressed state dict. Raises ValueError naming
-    the tensors when the checkpoint does not match the architecture.
+    transformers and compressed-tensors 0.19 no longer read the sparse formats, so the state
+    dict is decompressed here and handed to ``from_pretrained`` with the sparsity_config
+    removed from the model config: an unquantized model comes back with dense weights (zeros
+    included); a quantized one goes through transformers' compressed-tensors integration as
+    any FP8 / INT8 / W4A16 checkpoint does. Raises ValueError naming the tensors when the
+    checkpoint does not match the architecture.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,17 +186,30 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None, tru
     if sparse is None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
+    quantization = dict(config.quantization_config)
+    quantization.pop("sparsity_config", None)
+    if quantization.get("config_groups"):
+        config.quantization_config = quantization
+    else:
         del config.quantization_config
     state_dict = load_sparse_state_dict(folder, sparse)
-    stored = next(v.dtype for v in state_dict.values() if v.is_floating_point())
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or stored, trust_remote_code=trust_remote_code)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
+    model_class = AutoModelForCausalLM._model_mapping[type(config)] if not trust_remote_code else None
+    if model_class is None:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        model_class = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], str(folder))
+    try:
+        model = model_class.from_pretrained(
+            None, config=config, state_dict=state_dict, dtype=dtype or "auto", output_loading_info=True
+        )
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{folder}: checkpoint does not match the model: {error}") from error
+    model, info = model
+    if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise ValueError(
+            f"{folder}: checkpoint does not match the model: missing {sorted(info['missing_keys'])[:5]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:5]}, mismatched {list(info.get('mismatched_keys') or [])[:5]}"
+        )
     return model.eval()
 
 
@@ -168,17 +234,27 @@ def enable_sparse_save(
 
         @functools.wraps(original)
         def save_pretrained(save_directory, *args, sparse_format: str | None = None, **kwargs):
+            sparsity = _global_sparsity(model)  # before llm-compressor compresses it in place
             original(save_directory, *args, **kwargs)
             if not kwargs.get("save_compressed", True) or not _is_main_process():
                 return
             structures = spec["structures"]
             structure = next(iter(structures)) if len(structures) == 1 else "unstructured"
             chosen = sparse_format or ("sparse-24-bitmask" if structure == "2:4" else "sparse-bitmask")
-            written = write_sparse(save_directory, spec["modules"], chosen, structure, spec["targets"], spec["ignore"])
-            if written is None and chosen != "dense":
-                from loguru import logger
+            from loguru import logger
 
-                logger.warning("UniPruning: quantized checkpoint written dense with zeros (sparse + quantized formats are not supported yet)")
+            try:
+                written = write_sparse(
+                    save_directory, spec["modules"], chosen, structure, spec["targets"], spec["ignore"], sparsity
+                )
+            except SparseFormatError as error:
+                logger.warning(f"UniPruning: {save_directory} left dense with zeros: {error}")
+                return
+            if written is not None and written["format"] == "dense":
+                logger.info(
+                    "UniPruning: the pruned weights are stored packed (int4), which the sparse formats "
+                    f"cannot hold; {save_directory} records the {structure} sparsity with format 'dense'"
+                )
 
         model.save_pretrained = save_pretrained
         model._unipruning_sparse = spec
@@ -186,6 +262,17 @@ def enable_sparse_save(
     spec["structures"].add(structure)
     spec["targets"] = list(dict.fromkeys([*spec["targets"], *targets]))
     spec["ignore"] = list(dict.fromkeys([*spec["ignore"], *ignore]))
+
+
+def _global_sparsity(model: torch.nn.Module) -> float | None:
+    """Zeros over all parameters of the model, or None when some are not materialised."""
+    zeros = total = 0
+    for parameter in model.parameters():
+        if parameter.is_meta:
+            return None
+        zeros += int((parameter == 0).sum())
+        total += parameter.numel()
+    return zeros / total if total else None
 
 
 def _is_main_process() -> bool:
