@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Prune, then quantize: does the 2:4 mask survive, and what does each quantizer cost in perplexity?
+
+    python benchmarks/quantize.py MODEL --scheme W4A16 \\
+        --quantizers rtn gptq masked_gptq masked_gptq_kept
+
+The model is pruned once (``--prune-recipe``, the shipped ``uni_24`` by default) and kept in
+memory as a state dict; then, for every quantizer, a fresh copy of the pruned model is quantized
+with llm-compressor's ``oneshot`` on the same calibration windows:
+
+- ``rtn``: llm-compressor's ``QuantizationModifier`` (round to nearest),
+- ``gptq``: llm-compressor 0.14's ``GPTQModifier`` (no mask preservation since 0.13),
+- ``masked_gptq``: our ``MaskedGPTQModifier`` (``compensation: all``, the default),
+- ``masked_gptq_kept``: the same with ``compensation: kept``.
+
+Every line (JSON, stdout; also appended to ``--output``) has perplexity on ``--eval`` (and
+``--heldout``), the seconds and peak memory of that oneshot, the fraction of groups of 4 inputs
+holding more than 2 non-zeros in the dequantized target weights (``groups_over_2``, 0 when the
+pattern holds), and the fraction of pruned weights that became non-zero (``pruned_refilled``).
+Lines ``dense`` and ``pruned`` (no quantization) come first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import quality
+from quality import RESULTS, SHARED, default_text, log, release, target_names
+
+with contextlib.redirect_stdout(sys.stderr):
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from unipruning_modifier import MaskedGPTQModifier
+    from unipruning_modifier import data as updata
+    from unipruning_modifier.cli import BUILTIN_RECIPES
+    from unipruning_modifier.device import PeakMemory, timed
+
+QUANTIZERS = ("rtn", "gptq", "masked_gptq", "masked_gptq_kept")
+
+
+def build_quantizer(name: str, scheme: str):
+    common = {"targets": ["Linear"], "ignore": ["re:.*lm_head"], "scheme": scheme}
+    if name == "rtn":
+        return QuantizationModifier(**common)
+    if name == "gptq":
+        return GPTQModifier(**common)
+    if name == "masked_gptq":
+        return MaskedGPTQModifier(**common, compensation="all")
+    if name == "masked_gptq_kept":
+        return MaskedGPTQModifier(**common, compensation="kept")
+    raise ValueError(f"unknown quantizer {name!r}")
+
+
+@torch.no_grad()
+def pattern_report(model, names: list[str], pruned: dict[str, torch.Tensor]) -> dict:
+    """2:4 violations and refilled pruned weights, on the weights the layers compute with."""
+    modules = dict(model.named_modules())
+    groups = over = refilled = pruned_total = 0
+    for name in names:
+        module = modules[name]
+        weight = module.weight.detach()
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and scheme.weights is not None:
+            weight = forward_quantize(module, weight, "weight", scheme.weights)
+        nonzero = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        groups += nonzero.numel()
+        over += int((nonzero > 2).sum())
+        mask = pruned[name].to(weight.device)
+        refilled += int((weight[mask] != 0).sum())
+        pruned_total += int(mask.sum())
+    return {"groups_over_2": over / groups, "pruned_refilled": refilled / max(pruned_total, 1)}
+
+
+class QuantBenchmark(quality.Benchmark):
+    """quality.Benchmark's data, loading, evaluation and JSON lines; prune once, quantize many."""
+
+    def __init__(self, args):
+        args.unipruning_args = []
+        super().__init__(args)
+        self.pruned_state: dict[str, torch.Tensor] | None = None
+        self.pruned_zeros: dict[str, torch.Tensor] = {}
+
+    def oneshot(self, model, recipe):
+        torch.manual_seed(self.args.seed)
+        with PeakMemory(self.device) as memory, timed(self.device) as timing:
+            oneshot(
+                model=model,
+                dataset=self.calib_ds,
+                recipe=recipe,
+                num_calibration_samples=self.args.num_samples,
+                max_seq_length=self.args.seq_len,
+                processor=self.tokenizer,
+                pipeline="sequential",
+            )
+        return {"seconds": timing["seconds"], "peak_memory_mb": memory.peak_mb,
+                "rss_peak_mb": memory.rss_peak_mb, "device_peak_mb": memory.device_peak_mb}
+
+    def prune(self) -> None:
+        log(f"pruning with {self.args.prune_recipe}")
+        model = self.load()
+        cost = self.oneshot(model, self.args.prune_recipe)
+        model.eval()
+        names = target_names(model)
+        self.pruned_zeros = {n: m.weight.detach().eq(0).cpu() for n, m in model.named_modules() if n in names}
+        sparsity, ppl, _ = self.evaluate(model)
+        self.record("pruned", "2:4", sparsity=sparsity, **ppl, **cost, **pattern_report(model, names, self.pruned_zeros))
+        log(f"pruned: {ppl}")
+        self.pruned_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        del model
+        with contextlib.suppress(Exception):
+            reset_session()
+        release(self.device)
+
+    def quantize(self, name: str) -> None:
+        log(f"{name} {self.args.scheme}")
+        model = None
+        try:
+            model = self.load()
+            model.load_state_dict(self.pruned_state)
+            cost = self.oneshot(model, [build_quantizer(name, self.args.scheme)])
+            model.eval()
+            names = target_names(model)
+            sparsity, ppl, _ = self.evaluate(model)
+            report = pattern_report(model, names, self.pruned_zeros)
+            self.record(name, self.args.scheme, sparsity=sparsity, **ppl, **cost, **report)
+            log(f"{name}: {ppl} {report} in {cost['seconds']:.1f}s")
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
+            self.failed(name, self.args.scheme, error)
+        finally:
+            del model
+            with contextlib.suppress(Exception):
+                reset_session()
+            release(self.device)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Prune once, then compare quantizers: perplexity and whether the 2:4 mask survives.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="local Hugging Face causal LM folder ('demo' = the vendored demo model)")
+    parser.add_argument("--scheme", default="W4A16", help="llm-compressor preset scheme (W4A16, W8A8, FP8_DYNAMIC, ...)")
+    parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS, metavar="Q",
+                        help=f"any of {', '.join(QUANTIZERS)}")
+    parser.add_argument("--prune-recipe", default=str(BUILTIN_RECIPES / "uni_24.yaml"), help="pruning recipe (2:4)")
+    parser.add_argument("--calib", default=default_text(str(SHARED / "data" / "calib.txt"), updata.demo_calibration_text),
+                        metavar="TEXT_FILE", help="calibration text")
+    parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text),
+                        metavar="TEXT_FILE", help="evaluation text")
+    parser.add_argument("--heldout", default=None, metavar="TEXT_FILE", help="a second held-out text (adds ppl_heldout)")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="calibration window length (tokens)")
+    parser.add_argument("--eval-window", type=int, default=1024, help="perplexity window (tokens)")
+    parser.add_argument("--eval-tokens", type=int, default=131072, help="evaluation tokens used at most")
+    parser.add_argument("--device", default=None, help="cuda, npu or cpu (None: CUDA, then NPU, then CPU)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(quality.DTYPES), help="dtype the model is loaded in")
+    parser.add_argument("--seed", type=int, default=0, help="calibration windows and batch order")
+    parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
+    parser.add_argument("--label", default=None, help="free text added to every line")
+    args = parser.parse_args(argv)
+    if args.model == "demo":
+        args.model = updata.demo_model_path()
+    if not Path(args.model).is_dir():
+        parser.error(f"model {args.model!r} is not a local folder")
+    if not Path(args.prune_recipe).is_file():
+        parser.error(f"--prune-recipe {args.prune_recipe!r} is not a file")
+    return args
+
+
+def main(argv=None) -> int:
+    quality._log_to_stderr()
+    args = parse_args(argv)
+    sys.stdout = sys.stderr
+    try:
+        start = time.perf_counter()
+        bench = QuantBenchmark(args)
+        bench.dense()
+        bench.prune()
+        for name in args.quantizers:
+            bench.quantize(name)
+        log(f"done in {time.perf_counter() - start:.1f}s")
+        return 1 if any("error" in r for r in bench.results) else 0
+    finally:
+        sys.stdout = RESULTS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
