@@ -8,6 +8,7 @@ each calibration batch to the mirror descent and applies the final masks.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,6 +30,7 @@ from .masks import global_allocation, nm_mask, parse_mask_structure, row_mask, s
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
 from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
+from .saliency_file import DTYPES, LayerSaliency, check_matches, load_saliency, model_fingerprint, read_metadata, save_saliency
 
 __all__ = ["UniPruningModifier"]
 
@@ -73,6 +75,17 @@ class UniPruningModifier(Modifier):
         layer's input Gram matrix, in x in fp32, while the layer is calibrated).
     :param damping: fraction of mean(diag H) added to H's diagonal for the re-fit.
     :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
+    :param calibration_inputs: "pruned" (default): each decoder layer is masked as soon as it is
+        calibrated, so later layers calibrate on pruned inputs; "dense": every layer calibrates
+        on the dense model's activations and all masks are applied at the end of calibration,
+        so the saliency does not depend on the sparsity and one calibration serves any setting.
+    :param save_saliency: write every layer's saliency to this safetensors file at the end of
+        calibration (implies calibration_inputs "dense"); ``unipruning extract`` or
+        ``load_saliency`` prune from it later without calibrating.
+    :param load_saliency: prune from a saliency file instead of calibrating (no data needed);
+        the file must come from this model (same layers, shapes and weights).
+    :param saliency_dtype: "float32" (default) or "bfloat16" storage of the saved saliency;
+        masks are taken from the stored values either way.
     """
 
     requires_calibration_data: bool = True
@@ -93,6 +106,10 @@ class UniPruningModifier(Modifier):
     reconstruct: Literal["none", "least_squares"] = "none"
     damping: float = Field(default=0.01, ge=0)
     reconstruct_iterations: int | None = Field(default=None, ge=1)
+    calibration_inputs: Literal["pruned", "dense"] = "pruned"
+    save_saliency: str | None = None
+    load_saliency: str | None = None
+    saliency_dtype: Literal["float32", "bfloat16"] = "float32"
 
     _n: int = PrivateAttr(default=0)
     _m: int = PrivateAttr(default=0)
@@ -104,6 +121,8 @@ class UniPruningModifier(Modifier):
     _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     _grams: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
+    _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
+    _fingerprint: str | None = PrivateAttr(default=None)
 
     @field_validator("targets", "ignore", mode="before")
     @classmethod
@@ -142,6 +161,30 @@ class UniPruningModifier(Modifier):
             raise ValueError("sparsity is required for unstructured masks (a float in [0, 1) or a per-layer list)")
         if isinstance(self.sparsity, list) and self.allocation == "global":
             raise ValueError("allocation 'global' takes one sparsity, not a per-layer list")
+        return self
+
+    @model_validator(mode="after")
+    def _check_saliency_files(self) -> "UniPruningModifier":
+        if self.save_saliency and self.load_saliency:
+            raise ValueError("save_saliency and load_saliency exclude each other (load_saliency does not calibrate)")
+        if self.save_saliency:
+            if self.calibration_inputs == "pruned" and "calibration_inputs" in self.model_fields_set:
+                raise ValueError(
+                    "save_saliency needs calibration_inputs 'dense': with 'pruned' inputs the saliency of later "
+                    "layers depends on the sparsity of earlier ones, so the file would serve one setting only"
+                )
+            self.__dict__["calibration_inputs"] = "dense"
+            parent = Path(self.save_saliency).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ValueError(f"save_saliency {self.save_saliency!r}: folder {parent} does not exist")
+        if self.load_saliency:
+            if self.reconstruct != "none":
+                raise ValueError(
+                    f"load_saliency prunes without calibration, so reconstruct {self.reconstruct!r} (which "
+                    "needs the calibration inputs of every layer) is not possible; use reconstruct: none"
+                )
+            read_metadata(self.load_saliency)
+            self.__dict__["requires_calibration_data"] = False
         return self
 
     def target_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -184,6 +227,14 @@ class UniPruningModifier(Modifier):
         targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
+        if self.save_saliency:
+            self._fingerprint = model_fingerprint(targets)
+        if self.load_saliency:
+            linear = {n: m for n, m in state.model.named_modules() if isinstance(m, torch.nn.Linear)}
+            check_matches(read_metadata(self.load_saliency), list(targets), linear, self.load_saliency)
+            records, _ = load_saliency(self.load_saliency, list(targets))
+            logger.info(f"UniPruning: masks from {self.load_saliency} ({len(records)} layers), no calibration")
+            self._mask_from_records(records)
         return True
 
     def _sparsity_per_module(self, model, targets, sequential_targets) -> dict[str, float]:
@@ -234,6 +285,11 @@ class UniPruningModifier(Modifier):
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
+        if self._records:
+            if self.save_saliency:
+                self._write_saliency(state.model)
+            records, self._records = self._records, {}
+            self._mask_from_records(records)
         if self._deferred:
             self._apply_global_budget()
         self.remove_hooks()
@@ -246,21 +302,54 @@ class UniPruningModifier(Modifier):
             all_reduce_state(saliency)
             if name in self._grams:
                 self._grams[name] = all_reduce_gram(*self._grams[name])
-            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self.nm_order if self._m else "gamma")
+            deferred = self.calibration_inputs == "dense" or self.allocation == "global"
+            if deferred and name in self._grams:
+                gram, count = self._grams[name]
+                self._grams[name] = (gram.cpu(), count)
+            if self.calibration_inputs == "dense":
+                record = LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
+                self._records[name] = record.to("cpu", DTYPES[self.saliency_dtype])
+                continue
+            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self._order)
             if self.allocation == "global":
                 self._deferred[name] = [k.to("cpu", torch.bfloat16) for k in keys]
-                if name in self._grams:
-                    gram, count = self._grams[name]
-                    self._grams[name] = (gram.cpu(), count)
                 continue
-            sparsity = self._layer_sparsity[name]
-            if self._m:
-                mask = nm_mask(keys, self._n, self._m)
-            elif self.allocation == "row":
-                mask = row_mask(keys, sparsity)
-            else:
-                mask = unstructured_mask(keys, sparsity)
-            self._apply_mask(name, mask, saliency.steps)
+            self._apply_mask(name, self._layer_mask(name, keys), saliency.steps)
+
+    @property
+    def _order(self) -> str:
+        return self.nm_order if self._m else "gamma"
+
+    def _layer_mask(self, name: str, keys: list[torch.Tensor]) -> torch.Tensor:
+        sparsity = self._layer_sparsity[name]
+        if self._m:
+            return nm_mask(keys, self._n, self._m)
+        if self.allocation == "row":
+            return row_mask(keys, sparsity)
+        return unstructured_mask(keys, sparsity)
+
+    def _mask_from_records(self, records: dict[str, LayerSaliency]) -> None:
+        """Mask every layer from its (stored or just calibrated) saliency: the one path shared by
+        ``calibration_inputs: dense`` and ``load_saliency``, so both give the same masks."""
+        if self.allocation == "global":
+            self._deferred = {n: [k.to("cpu", torch.bfloat16) for k in r.keys(self._order)] for n, r in records.items()}
+            self._apply_global_budget()
+            return
+        for name, record in records.items():
+            self._apply_mask(name, self._layer_mask(name, record.keys(self._order)), record.steps)
+
+    def _write_saliency(self, model: torch.nn.Module) -> None:
+        from . import __version__
+
+        settings = ("metric", "kappa", "lam", "beta", "exponent", "seed", "targets", "ignore", "calibration_inputs")
+        metadata = {
+            "model": getattr(getattr(model, "config", None), "_name_or_path", None),
+            "fingerprint": self._fingerprint,
+            "calibration": {key: getattr(self, key) for key in settings},
+            "unipruning_modifier": __version__,
+        }
+        save_saliency(self.save_saliency, self._records, metadata, self.saliency_dtype)
+        logger.info(f"UniPruning: saliency of {len(self._records)} layers written to {self.save_saliency}")
 
     def _apply_global_budget(self) -> None:
         keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
@@ -294,10 +383,11 @@ class UniPruningModifier(Modifier):
             structure = f"{self._n}:{self._m}" if self._m else "unstructured"
             enable_sparse_save(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
         missed = sorted(set(self._names.values()) - self._pruned)
-        self._states, self._generators, self._deferred, self._grams = {}, {}, {}, {}
+        self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
                 f"pruned: {missed[:5]}{' ...' if len(missed) > 5 else ''}"
             )
         return True
+

@@ -1,0 +1,126 @@
+"""Calibrate once, prune to any setting: saliency files, ``load_saliency`` and their checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from unipruning_modifier import UniPruningModifier
+from unipruning_modifier.saliency_file import SaliencyFileError, read_metadata
+
+from .conftest import all_parameters, load, run_oneshot
+
+pytestmark = pytest.mark.slow
+
+IGNORE = ["re:.*lm_head"]
+SETTINGS = {
+    "0.3": {"sparsity": 0.3},
+    "0.7": {"sparsity": 0.7},
+    "row-0.5": {"sparsity": 0.5, "allocation": "row"},
+    "global-0.6": {"sparsity": 0.6, "allocation": "global"},
+    "2:4": {"mask_structure": "2:4"},
+    "2:4-first_step": {"mask_structure": "2:4", "nm_order": "first_step"},
+    "4:8": {"mask_structure": "4:8"},
+}
+
+
+def extract(model_path, saliency, **fields):
+    """Prune from a saliency file through oneshot's data-free pipeline (no dataset)."""
+    from llmcompressor import oneshot
+
+    return oneshot(model=load(model_path), recipe=UniPruningModifier(load_saliency=str(saliency), ignore=IGNORE, **fields))
+
+
+@pytest.fixture(scope="module")
+def saliency(tiny_model_path, calibration, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("saliency") / "tiny.safetensors"
+    recipe = UniPruningModifier(sparsity=0.5, ignore=IGNORE, save_saliency=str(path))
+    assert recipe.calibration_inputs == "dense"
+    run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer)
+    return path
+
+
+def test_file_records_the_model_and_the_calibration(saliency, tiny_model_path):
+    info = read_metadata(saliency)
+    assert info["model"] == tiny_model_path
+    assert len(info["layers"]) == 14
+    assert info["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [128, 256]
+    assert info["layers"]["model.layers.0.mlp.down_proj"]["steps"] == 16
+    assert info["calibration"]["metric"] == "stochastic_ria" and info["calibration"]["seed"] == 0
+    assert len(info["fingerprint"]) == 64
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_extraction_equals_a_fresh_calibration(setting, saliency, tiny_model_path, calibration, tokenizer):
+    fields = SETTINGS[setting]
+    fresh = run_oneshot(
+        load(tiny_model_path), UniPruningModifier(calibration_inputs="dense", ignore=IGNORE, **fields), calibration, tokenizer
+    )
+    extracted = extract(tiny_model_path, saliency, **fields)
+    want, got = all_parameters(fresh), all_parameters(extracted)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    pruned = got["model.layers.1.mlp.up_proj.weight"]
+    assert (pruned == 0).any()
+
+
+def test_bfloat16_file_prunes_like_a_bfloat16_calibration(tiny_model_path, calibration, tokenizer, tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    fresh = run_oneshot(
+        load(tiny_model_path),
+        UniPruningModifier(sparsity=0.6, ignore=IGNORE, save_saliency=str(path), saliency_dtype="bfloat16"),
+        calibration,
+        tokenizer,
+    )
+    assert read_metadata(path)["dtype"] == "bfloat16"
+    extracted = extract(tiny_model_path, path, sparsity=0.6)
+    for name, value in all_parameters(fresh).items():
+        assert torch.equal(all_parameters(extracted)[name], value), name
+
+
+def test_refuses_a_file_of_another_model(saliency, tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model_folder(name, **changes):
+        torch.manual_seed(1)
+        config = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        config.update(changes)
+        LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    with pytest.raises(SaliencyFileError, match="calibrated on another model"):
+        extract(model_folder("other-weights"), saliency, sparsity=0.5)
+    with pytest.raises(SaliencyFileError, match=r"layer model.layers.0.mlp.gate_proj has shape \[384, 128\] in the model"):
+        extract(model_folder("other-shape", intermediate_size=384), saliency, sparsity=0.5)
+    with pytest.raises(SaliencyFileError, match="has no saliency for layer model.layers.2"):
+        extract(model_folder("deeper", num_hidden_layers=3), saliency, sparsity=0.5)
+
+
+def test_refuses_targets_outside_the_file(saliency, tiny_model_path):
+    with pytest.raises(SaliencyFileError, match="has no saliency for layer lm_head"):
+        from llmcompressor import oneshot
+
+        oneshot(model=load(tiny_model_path), recipe=UniPruningModifier(load_saliency=str(saliency), sparsity=0.5, targets=["Linear", "lm_head"]))
+
+
+def test_saliency_fields_are_checked_before_any_work(saliency, tmp_path):
+    with pytest.raises(ValidationError, match="exclude each other"):
+        UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "a"), load_saliency=str(saliency))
+    with pytest.raises(ValidationError, match="needs calibration_inputs 'dense'"):
+        UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "a"), calibration_inputs="pruned")
+    with pytest.raises(ValidationError, match="does not exist"):
+        UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "missing" / "a"))
+    with pytest.raises(ValidationError, match="reconstruct 'least_squares'"):
+        UniPruningModifier(sparsity=0.5, load_saliency=str(saliency), reconstruct="least_squares")
+    with pytest.raises(ValidationError, match="no such file"):
+        UniPruningModifier(sparsity=0.5, load_saliency=str(tmp_path / "nothing.safetensors"))
+    not_ours = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(not_ours))
+    with pytest.raises(ValidationError, match="not written by UniPruning"):
+        UniPruningModifier(sparsity=0.5, load_saliency=str(not_ours))
+    assert UniPruningModifier(sparsity=0.5, load_saliency=str(saliency)).requires_calibration_data is False
