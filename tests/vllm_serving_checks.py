@@ -334,6 +334,25 @@ def _():
     return f"{eps[0].value} registered {first.__name__}"
 
 
+@check("register_is_light")
+def _():
+    """register() in a fresh vLLM process: no llm-compressor, no compressed-tensors config import."""
+    import subprocess
+
+    code = (
+        "import sys, time, vllm.model_executor.layers.quantization as q; t = time.perf_counter(); "
+        "from unipruning_modifier.serving.plugin import register; register(); dt = time.perf_counter() - t; "
+        "heavy = [m for m in ('llmcompressor', 'vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors', "
+        "'unipruning_modifier.serving.vllm_config') if m in sys.modules]; print(dt, heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds, heavy = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert heavy == "[]", heavy
+    assert float(seconds) < 2.0, seconds
+    return f"register() took {float(seconds) * 1000:.0f} ms after vLLM's quantization package"
+
+
 @check("stock_refuses_sparsity")
 def _():
     try:

@@ -29,9 +29,9 @@ def _handle_class():
 
         @classmethod
         def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant, hf_config=None):
-            if claims_checkpoint(hf_quant_cfg) and user_quant in (None, "compressed-tensors", METHOD_NAME):
-                return METHOD_NAME
-            return None
+            if not claims_checkpoint(hf_quant_cfg) or _vllm_reads_sparsity():
+                return None
+            return METHOD_NAME if user_quant in (None, "compressed-tensors", METHOD_NAME) else None
 
         @classmethod
         def from_config(cls, config: dict[str, Any]):
@@ -44,6 +44,14 @@ def _handle_class():
             return METHOD_NAME
 
     return UniPruningSparseConfig
+
+
+def _vllm_reads_sparsity() -> bool:
+    """True on vLLM < 0.19, which still serves sparse checkpoints itself (CUTLASS 2:4 on sm90)."""
+    from importlib.metadata import version
+
+    parts = version("vllm").split(".")[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts) < (0, 19)
 
 
 def register() -> None:

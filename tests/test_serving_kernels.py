@@ -1,0 +1,231 @@
+"""The plugin's pure-torch parts: kernel decision rule, the 2:4 op, tensor-parallel slicing.
+
+GPU tests (cuSPARSELt) skip without CUDA; everything else runs on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unipruning_modifier.checkpoint import SparseFormatError, compress, decompress
+from unipruning_modifier.serving import kernels
+from unipruning_modifier.serving.sparsity import (
+    claims_checkpoint,
+    decompress_part,
+    parse_sparsity_config,
+    slice_columns,
+    slice_rows,
+)
+
+from .test_checkpoint_codecs import make_24, make_unstructured
+
+cuda_24 = pytest.mark.skipif(not kernels.kernel_available()[0], reason=kernels.kernel_available()[1])
+
+
+def rows(speedups: dict[int, float]) -> list[dict]:
+    return [{"n": n, "speedup": s} for n, s in speedups.items()]
+
+
+@pytest.mark.parametrize(
+    "speedups, want",
+    [
+        ({16: 1.2, 64: 1.1, 1024: 1.3, 16384: 1.5}, 16),
+        ({16: 0.04, 128: 0.03, 1024: 0.08, 4096: 0.29, 16384: 1.25}, 16384),  # H100 4096x4096 row
+        ({16: 0.11, 128: 0.12, 1024: 0.33, 4096: 1.36, 16384: 1.51}, 4096),
+        ({16: 0.5, 1024: 1.1, 4096: 0.9, 16384: 1.2}, 16384),  # a loss above a win: only the top stays sparse
+        ({16: 0.5, 4096: 0.99}, None),
+        ({4096: 1.0}, 4096),  # "at least as fast"
+    ],
+)
+def test_choose_threshold(speedups, want):
+    assert kernels.choose_threshold(rows(speedups)) == want
+
+
+def test_choose_threshold_margin():
+    assert kernels.choose_threshold(rows({1024: 1.05, 4096: 1.2}), margin=1.1) == 4096
+
+
+@pytest.mark.parametrize("n, index", [(1, 0), (16, 0), (17, 1), (64, 1), (1000, 3), (4096, 4), (10**6, 5)])
+def test_bucket_index(n, index):
+    assert kernels.bucket_index(n) == index
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, ok",
+    [
+        ((4096, 4096), torch.bfloat16, True),
+        ((4096, 11008), torch.float16, True),
+        ((4096, 4104), torch.bfloat16, False),
+        ((40, 4096), torch.bfloat16, False),
+        ((4096, 4096), torch.float32, False),
+        ((4096, 4096), torch.int8, False),
+    ],
+)
+def test_shape_supported(shape, dtype, ok):
+    got, reason = kernels.shape_supported(*shape, dtype)
+    assert got is ok and reason
+
+
+def test_kernel_mode(monkeypatch):
+    monkeypatch.delenv("UNIPRUNING_SPARSE_KERNEL", raising=False)
+    assert kernels.kernel_mode() == "auto"
+    monkeypatch.setenv("UNIPRUNING_SPARSE_KERNEL", " Always ")
+    assert kernels.kernel_mode() == "always"
+    monkeypatch.setenv("UNIPRUNING_SPARSE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="UNIPRUNING_SPARSE_KERNEL"):
+        kernels.kernel_mode()
+
+
+def test_cpu_weights_stay_dense():
+    weight = kernels.random_24(64, 64, torch.bfloat16, "cpu")
+    decision = kernels.decide(weight, "auto")
+    assert decision.threshold is None and decision.describe().startswith("dense (")
+    assert kernels.Sparse24Linear.from_dense(weight, "always") is None
+    assert kernels.decide(weight, "off").threshold is None
+
+
+def test_random_24_is_24():
+    w = kernels.random_24(32, 64, torch.float16, "cpu", seed=3)
+    assert ((w.view(32, -1, 4) != 0).sum(-1) == 2).all()
+
+
+def test_op_dense_branch_and_compile():
+    """Below the threshold the op is F.linear on the dense weight, also under torch.compile."""
+    x = torch.randn(3, 5, 32)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    packed = torch.empty(0)
+    want = torch.nn.functional.linear(x, w, b)
+    got = kernels.sparse24_linear(x, w, packed, b, 48, 1 << 30, [0] * len(kernels.N_BUCKETS))
+    torch.testing.assert_close(got, want)
+    compiled = torch.compile(
+        lambda x: kernels.sparse24_linear(x, w, packed, b, 48, 1 << 30, [0] * 6), backend="eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(x), want)
+
+
+def test_op_fake_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(7, 2, 32)
+        out = kernels.sparse24_linear(x, None, torch.empty(10, dtype=torch.int8), None, 48, 0, [0] * 6)
+    assert out.shape == (7, 2, 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-parallel slicing of the compressed tensors
+# ---------------------------------------------------------------------------------------------
+DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8]
+
+
+def dense_of(fmt, tensors):
+    return decompress_part(fmt, tensors) if isinstance(tensors, dict) else tensors
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "sparse-bitmask"])
+@pytest.mark.parametrize("start, size", [(0, 16), (16, 8), (5, 11), (31, 1), (0, 32), (7, 0)])
+def test_slice_rows(fmt, dtype, start, size):
+    w = make_24(32, 48, dtype, seed=1) if fmt == "sparse-24-bitmask" else make_unstructured(32, 48, dtype, seed=1)
+    tensors = compress(w, fmt)
+    part = slice_rows(fmt, tensors, start, size)
+    assert set(part) == set(tensors)
+    got = decompress(part, fmt)  # row_offsets are validated by the codec
+    assert torch.equal(got.view(torch.uint8), decompress(tensors, fmt)[start : start + size].view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start, size", [(0, 24), (24, 24), (8, 16), (0, 48)])
+def test_slice_columns_24_by_bytes(dtype, start, size):
+    w = make_24(16, 48, dtype, seed=2)
+    tensors = compress(w, "sparse-24-bitmask")
+    part = slice_columns("sparse-24-bitmask", tensors, start, size)
+    assert isinstance(part, dict) and part["bitmask"].shape == (16, size // 8)
+    want = decompress(tensors, "sparse-24-bitmask")[:, start : start + size]
+    assert torch.equal(decompress(part, "sparse-24-bitmask").view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("start, size", [(20, 20), (4, 8), (0, 12)])
+def test_slice_columns_24_refuses_inside_a_byte(start, size):
+    tensors = compress(make_24(16, 40, torch.bfloat16, seed=3), "sparse-24-bitmask")
+    with pytest.raises(SparseFormatError, match="multiples of 8"):
+        slice_columns("sparse-24-bitmask", tensors, start, size, name="down_proj")
+
+
+def test_slice_columns_bitmask_decompresses():
+    w = make_unstructured(16, 40, torch.bfloat16, seed=4)
+    part = slice_columns("sparse-bitmask", compress(w, "sparse-bitmask"), 20, 20)
+    assert isinstance(part, torch.Tensor) and torch.equal(part, w[:, 20:40])
+
+
+def test_slice_bounds():
+    tensors = compress(make_24(8, 16, torch.bfloat16, seed=5), "sparse-24-bitmask")
+    with pytest.raises(SparseFormatError, match="outside"):
+        slice_rows("sparse-24-bitmask", tensors, 4, 8)
+    with pytest.raises(SparseFormatError, match="missing"):
+        slice_rows("sparse-24-bitmask", {"shape": tensors["shape"]}, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# which checkpoints the plugin claims
+# ---------------------------------------------------------------------------------------------
+SPARSE = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head"]}
+
+
+@pytest.mark.parametrize(
+    "config, claimed",
+    [
+        ({"quant_method": "compressed-tensors", "sparsity_config": SPARSE}, True),
+        ({"quant_method": "compressed-tensors", "sparsity_config": dict(SPARSE, format="dense")}, True),
+        ({"quant_method": "compressed-tensors", "sparsity_config": {}}, False),
+        ({"quant_method": "compressed-tensors", "sparsity_config": dict(SPARSE, targets=[])}, False),
+        ({"quant_method": "compressed-tensors"}, False),
+        ({"quant_method": "fp8", "sparsity_config": SPARSE}, False),
+        (None, False),
+    ],
+)
+def test_claims_checkpoint(config, claimed):
+    assert claims_checkpoint(config) is claimed
+
+
+def test_parse_sparsity_config():
+    spec = parse_sparsity_config({"sparsity_config": dict(SPARSE, format="Sparse_24_Bitmask", ignore="lm_head")})
+    assert (spec.format, spec.structure, spec.targets, spec.ignore, spec.compressed) == (
+        "sparse-24-bitmask",
+        "2:4",
+        ["Linear"],
+        ["lm_head"],
+        True,
+    )
+    assert not parse_sparsity_config({"sparsity_config": dict(SPARSE, format="dense")}).compressed
+    assert parse_sparsity_config({}) is None
+    with pytest.raises(SparseFormatError, match="unknown sparse format"):
+        parse_sparsity_config({"sparsity_config": dict(SPARSE, format="marlin-24")})
+    with pytest.raises(SparseFormatError, match="needs sparsity_structure"):
+        parse_sparsity_config({"sparsity_config": dict(SPARSE, sparsity_structure="unstructured")})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: cuSPARSELt
+# ---------------------------------------------------------------------------------------------
+@cuda_24
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 16, 200, 1024])
+def test_sparse_kernel_matches_dense(dtype, n):
+    w = kernels.random_24(256, 512, dtype, "cuda", seed=n)
+    layer = kernels.Sparse24Linear.from_dense(w, "always")
+    assert layer is not None and layer.dense is None
+    x = torch.randn(n, 512, device="cuda", dtype=dtype)
+    b = torch.randn(256, device="cuda", dtype=dtype)
+    torch.testing.assert_close(layer(x, b), torch.nn.functional.linear(x, w, b), rtol=2e-2, atol=2e-1)
+
+
+@cuda_24
+def test_decision_is_measured_and_cached():
+    w = kernels.random_24(512, 512, torch.bfloat16, "cuda")
+    first = kernels.decide(w, "auto")
+    assert kernels.decide(w, "auto") is first
+    assert [r["n"] for r in first.rows] == list(kernels.N_BUCKETS)
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in first.rows)
+    assert first.threshold == kernels.choose_threshold(first.rows)
