@@ -110,3 +110,68 @@ def test_recipe_that_does_not_fit_the_model_fails_before_calibration(capsys, tmp
     assert code == 2 and "mlp.down_proj has 704 inputs, not a multiple of 128" in err
     assert not (tmp_path / "out").exists()
     assert time.perf_counter() - start < 60
+
+
+def test_save_saliency_then_extract_other_settings(capsys, tmp_path, tiny_model_path):
+    saliency = tmp_path / "tiny.safetensors"
+    code, out, err = run(
+        capsys, "--model", tiny_model_path, "--recipe", "uni_24", "--output", str(tmp_path / "calibrated"),
+        "--save-saliency", str(saliency), *FAST,
+    )
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["saliency"] == str(saliency)
+    for flags, structure, expected in (
+        (["--sparsity", "0.7"], "unstructured", 0.7),
+        (["--mask-structure", "4:8"], "4:8", 0.5),
+        (["--sparsity", "0.6", "--allocation", "global"], "unstructured", 0.6),
+    ):
+        output = tmp_path / f"extracted-{len(list(tmp_path.iterdir()))}"
+        code = main(["extract", "--model", tiny_model_path, "--saliency", str(saliency), "--output", str(output),
+                     "--eval-window", "128", "--eval-tokens", "1024", *flags])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert abs(result["sparsity"] - expected) < 0.01
+        assert result["seconds"] > 0 and result["ppl_pruned"] > 0
+        assert sparse_config_of(output)["sparsity_structure"] == structure
+        model = load_sparse(output)
+        assert all(torch.equal(w, model.get_submodule(n).weight) for n, w in linear_weights(model).items())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--saliency", "/nonexistent.safetensors", "--sparsity", "0.5"], "--saliency: saliency file /nonexistent.safetensors: no such file"),
+        (["--mask-structure", "2:4", "--sparsity", "0.7"], "contradicts mask_structure"),
+        ([], "sparsity is required"),
+    ],
+)
+def test_extract_bad_arguments(capsys, tmp_path, argv, message, demo_saliency):
+    argv = argv if "--saliency" in argv else ["--saliency", str(demo_saliency), *argv]
+    code = main(["extract", "--output", str(tmp_path / "out"), *argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_refuses_another_models_saliency(capsys, tmp_path, tiny_model_path, demo_saliency):
+    code = main(["extract", "--model", tiny_model_path, "--saliency", str(demo_saliency), "--sparsity", "0.5",
+                 "--output", str(tmp_path / "out"), "--eval-tokens", "0"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--saliency" in err and "model.layers.0.self_attn.q_proj" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_saliency_needs_overwrite_to_replace(capsys, tmp_path, demo_saliency):
+    code, _, err = run(capsys, "--output", str(tmp_path / "out"), "--save-saliency", str(demo_saliency), *FAST)
+    assert code == 2 and "--save-saliency" in err and "--overwrite" in err
+
+
+@pytest.fixture(scope="module")
+def demo_saliency(tmp_path_factory):
+    """A saliency file of the demo model (4 short calibration windows)."""
+    folder = tmp_path_factory.mktemp("demo-saliency")
+    code = main(["prune", "--recipe", "uni_unstructured_50", "--output", str(folder / "out"),
+                 "--save-saliency", str(folder / "demo.safetensors"), *FAST])
+    assert code == 0
+    return folder / "demo.safetensors"

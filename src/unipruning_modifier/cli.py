@@ -1,8 +1,10 @@
 """The ``unipruning`` command: prune a causal LM with a recipe and report what it cost.
 
 ``unipruning prune`` with no arguments prunes the built-in demo model on the built-in text, so
-it runs offline. Every input is checked before the model is loaded; the checkpoint is written
-to a temporary folder beside ``--output`` and renamed only when complete.
+it runs offline; with ``--save-saliency`` it also keeps the calibrated saliency, from which
+``unipruning extract`` prunes the same model to any other sparsity without calibrating. Every
+input is checked before the model is loaded; the checkpoint is written to a temporary folder
+beside ``--output`` and renamed only when complete.
 """
 
 from __future__ import annotations
@@ -110,6 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: fp32 on CPU)")
     prune.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice")
     prune.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    prune.add_argument(
+        "--save-saliency", metavar="FILE",
+        help="also write the calibrated saliency to FILE (safetensors; calibrates every layer on dense inputs) "
+        "for `unipruning extract`",
+    )
+
+    extract = commands.add_parser("extract", help="prune from a saliency file, without calibration")
+    extract.add_argument("--model", help="the model the saliency was calibrated on (default: the built-in demo model)")
+    extract.add_argument("--saliency", required=True, metavar="FILE", help="file written by `prune --save-saliency`")
+    extract.add_argument("--sparsity", type=float, help="fraction pruned per layer (unstructured)")
+    extract.add_argument("--mask-structure", default="0:0", help="unstructured (0:0, default) or N:M, e.g. 2:4")
+    extract.add_argument("--allocation", choices=("layer", "row", "global"), default="layer", help="unstructured budget")
+    extract.add_argument("--clamp", type=float, default=0.1, help="per-layer deviation allowed by --allocation global")
+    extract.add_argument("--nm-order", choices=("gamma", "first_step"), default="gamma", help="N:M ranking")
+    extract.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
+    extract.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    extract.add_argument("--save-format", choices=("sparse", "dense"), default="sparse", help="as for prune")
+    extract.add_argument("--eval-text", help="text file for perplexity (default: built-in text)")
+    extract.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
+    extract.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens (0: skip)")
+    extract.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
+    extract.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: fp32 on CPU)")
+    extract.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     return parser
 
 
@@ -133,41 +158,46 @@ def _positive(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def prune(args: argparse.Namespace) -> dict:
-    """Validate everything, then load, measure, prune, measure, save."""
-    demo = args.model is None
-    model_id = data.demo_model_path() if demo else check_model(args.model)
-    dataset = args.dataset or data.demo_calibration_text()
-    eval_path = args.eval_text or data.demo_eval_text()
-    num_samples = _positive("--num-samples", _default(args.num_samples, 64 if demo else 128))
-    seq_len = _positive("--seq-len", _default(args.seq_len, 256 if demo else 512), 2)
-    _positive("--eval-window", args.eval_window, 2)
-    _positive("--eval-tokens", args.eval_tokens, args.eval_window)
-    output = check_output(args.output, args.overwrite)
-    recipe_path = resolve_recipe(args.recipe)
+def check_saliency_output(value: str, overwrite: bool) -> str:
+    path = Path(value).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise UsageError(f"--save-saliency {value} exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--save-saliency {value}: folder {path.parent} does not exist")
+    return str(path)
 
-    import torch
 
-    from . import UniPruningModifier  # registers the modifier before the recipe is parsed
-    from .device import PeakMemory, select_device, timed
-    from .evaluation import layer_sparsity, perplexity, total_sparsity
+def with_saved_saliency(recipe, path: str, recipe_path: str):
+    """The recipe's single UniPruningModifier set to write its saliency to ``path``."""
+    from . import UniPruningModifier
+
+    indices = [i for i, m in enumerate(recipe.modifiers) if isinstance(m, UniPruningModifier)]
+    if len(indices) != 1:
+        raise UsageError(f"--save-saliency needs exactly one UniPruningModifier in --recipe {recipe_path}, found {len(indices)}")
+    index = indices[0]
+    fields = recipe.modifiers[index].model_dump(exclude_unset=True)
+    fields.pop("calibration_inputs", None)
+    try:
+        recipe.modifiers[index] = UniPruningModifier.model_validate({**fields, "save_saliency": path})
+    except ValueError as error:
+        raise UsageError(f"--save-saliency with --recipe {recipe_path}: {error}") from error
+    return recipe
+
+
+def select(device_flag):
+    from .device import select_device
 
     try:
-        device = select_device(args.device)
+        return select_device(device_flag)
     except ValueError as error:
         raise UsageError(f"--device: {error}") from error
-    recipe = load_recipe(recipe_path)
-    texts = {}
-    for flag, source in (("--dataset", dataset), ("--eval-text", eval_path)):
-        try:
-            texts[flag] = data.read_text(source)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"{flag}: {error}") from error
 
-    from llmcompressor import oneshot
+
+def load_model(model_id: str, args: argparse.Namespace, device):
+    """(model, tokenizer, dtype to save in): fp32 compute on the CPU for ``--dtype auto``."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     log(f"loading {model_id} on {device}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
@@ -179,7 +209,59 @@ def prune(args: argparse.Namespace) -> dict:
         ).to(device)
     except OSError as error:
         raise UsageError(f"--model {args.model}: cannot load it ({error})") from error
+    return model, tokenizer, saved_dtype
 
+
+def save_checkpoint(model, tokenizer, output: Path, save_format: str, saved_dtype) -> float:
+    """Write the checkpoint to a private staging folder, then move it to ``output``; its MiB."""
+    model.to(saved_dtype)  # exact: kept weights were only upcast from this dtype
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        sparse_save = hasattr(model, "_unipruning_sparse")  # set when a UniPruningModifier pruned it
+        model.save_pretrained(staging, **({"sparse_format": "dense"} if sparse_save and save_format == "dense" else {}))
+        tokenizer.save_pretrained(staging)
+        publish(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**20
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prune(args: argparse.Namespace) -> dict:
+    """Validate everything, then load, measure, prune, measure, save."""
+    demo = args.model is None
+    model_id = data.demo_model_path() if demo else check_model(args.model)
+    dataset = args.dataset or data.demo_calibration_text()
+    eval_path = args.eval_text or data.demo_eval_text()
+    num_samples = _positive("--num-samples", _default(args.num_samples, 64 if demo else 128))
+    seq_len = _positive("--seq-len", _default(args.seq_len, 256 if demo else 512), 2)
+    _positive("--eval-window", args.eval_window, 2)
+    _positive("--eval-tokens", args.eval_tokens, args.eval_window)
+    output = check_output(args.output, args.overwrite)
+    saliency_path = check_saliency_output(args.save_saliency, args.overwrite) if args.save_saliency else None
+    recipe_path = resolve_recipe(args.recipe)
+
+    from . import UniPruningModifier  # registers the modifier before the recipe is parsed
+    from .device import PeakMemory, timed
+    from .evaluation import layer_sparsity, perplexity, total_sparsity
+
+    device = select(args.device)
+    recipe = load_recipe(recipe_path)
+    if saliency_path:
+        recipe = with_saved_saliency(recipe, saliency_path, recipe_path)
+    texts = {}
+    for flag, source in (("--dataset", dataset), ("--eval-text", eval_path)):
+        try:
+            texts[flag] = data.read_text(source)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{flag}: {error}") from error
+
+    from llmcompressor import oneshot
+
+    model, tokenizer, saved_dtype = load_model(model_id, args, device)
     calibration = data.calibration_dataset(tokenizer, texts["--dataset"], num_samples, seq_len, args.seed)
     eval_tokens = data.token_stream(tokenizer, texts["--eval-text"])
     if eval_tokens.numel() < args.eval_window:
@@ -207,20 +289,12 @@ def prune(args: argparse.Namespace) -> dict:
     ppl_pruned = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)
     per_layer = layer_sparsity(model, targets)
 
-    model.to(saved_dtype)  # exact: kept weights were only upcast from this dtype
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        sparse_save = hasattr(model, "_unipruning_sparse")  # set when a UniPruningModifier pruned it
-        model.save_pretrained(staging, **({"sparse_format": "dense"} if sparse_save and args.save_format == "dense" else {}))
-        tokenizer.save_pretrained(staging)
-        publish(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
+    checkpoint_mb = save_checkpoint(model, tokenizer, output, args.save_format, saved_dtype)
     return {
         "model": str(model_id),
         "recipe": recipe_path,
         "output": str(output),
+        "saliency": saliency_path,
         "device": str(device),
         "num_samples": len(calibration),
         "seq_len": seq_len,
@@ -228,7 +302,88 @@ def prune(args: argparse.Namespace) -> dict:
         "layer_sparsity": per_layer,
         "ppl_dense": ppl_dense,
         "ppl_pruned": ppl_pruned,
-        "checkpoint_mb": sum(f.stat().st_size for f in output.glob("*.safetensors")) / 2**20,
+        "checkpoint_mb": checkpoint_mb,
+        "seconds": clock["seconds"],
+        "peak_memory_mb": memory.peak_mb,
+        "rss_peak_mb": memory.rss_peak_mb,
+        "device_peak_mb": memory.device_peak_mb,
+    }
+
+
+def extract(args: argparse.Namespace) -> dict:
+    """Validate everything, then load, mask from the saliency file, measure, save."""
+    demo = args.model is None
+    model_id = data.demo_model_path() if demo else check_model(args.model)
+    eval_path = args.eval_text or data.demo_eval_text()
+    if args.eval_tokens:
+        _positive("--eval-window", args.eval_window, 2)
+        _positive("--eval-tokens", args.eval_tokens, args.eval_window)
+    output = check_output(args.output, args.overwrite)
+
+    from pydantic import ValidationError
+
+    from . import UniPruningModifier
+    from .device import PeakMemory, timed
+    from .evaluation import layer_sparsity, perplexity, total_sparsity
+    from .saliency_file import SaliencyFileError, read_metadata
+
+    try:
+        calibration = read_metadata(args.saliency)["calibration"]
+    except (SaliencyFileError, KeyError) as error:
+        raise UsageError(f"--saliency: {error}") from error
+    fields = {
+        "mask_structure": args.mask_structure,
+        "allocation": args.allocation,
+        "clamp": args.clamp,
+        "nm_order": args.nm_order,
+        "targets": calibration["targets"],
+        "ignore": calibration["ignore"],
+        "load_saliency": args.saliency,
+    }
+    if args.sparsity is not None:
+        fields["sparsity"] = args.sparsity
+    try:
+        modifier = UniPruningModifier(**fields)
+    except ValidationError as error:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-') or 'arguments'}: {e['msg']}" for e in error.errors())
+        raise UsageError(problems) from error
+    device = select(args.device)
+    eval_text = None
+    if args.eval_tokens:
+        try:
+            eval_text = data.read_text(eval_path)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--eval-text: {error}") from error
+
+    from llmcompressor import oneshot
+
+    model, tokenizer, saved_dtype = load_model(model_id, args, device)
+    try:
+        targets = sorted(modifier.check_model(model)[0])
+    except ValueError as error:
+        raise UsageError(f"--mask-structure {args.mask_structure}: {error}") from error
+    with PeakMemory(device) as memory, timed(device) as clock:
+        try:
+            model = oneshot(model=model, recipe=[modifier])
+        except SaliencyFileError as error:
+            raise UsageError(f"--saliency: {error}") from error
+    ppl = None
+    if eval_text is not None:
+        log("perplexity of the pruned model")
+        ppl = perplexity(model, data.token_stream(tokenizer, eval_text), args.eval_window, args.eval_tokens, progress=True)
+    per_layer = layer_sparsity(model, targets)
+    checkpoint_mb = save_checkpoint(model, tokenizer, output, args.save_format, saved_dtype)
+    return {
+        "model": str(model_id),
+        "saliency": str(args.saliency),
+        "output": str(output),
+        "device": str(device),
+        "mask_structure": args.mask_structure,
+        "allocation": args.allocation,
+        "sparsity": total_sparsity(model, targets),
+        "layer_sparsity": per_layer,
+        "ppl_pruned": ppl,
+        "checkpoint_mb": checkpoint_mb,
         "seconds": clock["seconds"],
         "peak_memory_mb": memory.peak_mb,
         "rss_peak_mb": memory.rss_peak_mb,
@@ -237,24 +392,29 @@ def prune(args: argparse.Namespace) -> dict:
 
 
 def print_summary(result: dict) -> None:
-    print(f"Pruned {result['model']} with {result['recipe']} -> {result['output']}")
+    source = result["recipe"] if "recipe" in result else f"saliency {result['saliency']}"
+    print(f"Pruned {result['model']} with {source} -> {result['output']}")
     width = max((len(n) for n in result["layer_sparsity"]), default=10)
     for name, value in result["layer_sparsity"].items():
         print(f"  {name:<{width}}  {value:7.2%}")
     print(f"  {'total (target layers)':<{width}}  {result['sparsity']:7.2%}")
-    print(
-        f"perplexity {result['ppl_dense']:.3f} dense -> {result['ppl_pruned']:.3f} pruned; "
-        f"pruning took {result['seconds']:.1f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-        f"({result['num_samples']} x {result['seq_len']} calibration tokens on {result['device']})"
-    )
+    if "ppl_dense" in result:
+        print(
+            f"perplexity {result['ppl_dense']:.3f} dense -> {result['ppl_pruned']:.3f} pruned; "
+            f"pruning took {result['seconds']:.1f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
+            f"({result['num_samples']} x {result['seq_len']} calibration tokens on {result['device']})"
+        )
+    else:
+        ppl = "not measured" if result["ppl_pruned"] is None else f"{result['ppl_pruned']:.3f}"
+        print(f"perplexity {ppl}; extraction took {result['seconds']:.2f} s, peak memory "
+              f"{result['peak_memory_mb']:.0f} MiB on {result['device']}")
     print(json.dumps(result), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "prune":
-            print_summary(prune(args))
+        print_summary(prune(args) if args.command == "prune" else extract(args))
     except UsageError as error:
         print(f"unipruning {args.command}: error: {error}", file=sys.stderr)
         return 2

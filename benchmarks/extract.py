@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Calibrate once, extract many: is extraction identical to a fresh calibration, and how much faster?
+
+    python benchmarks/extract.py MODEL --configs 0.3 0.4 0.5 0.6 0.7 0.8 2:4 4:8
+
+1. One calibration with ``UniPruningModifier(save_saliency=FILE)`` (every layer calibrated on
+   dense inputs, ``calibration_inputs: dense``), timed.
+2. For every config: ``UniPruningModifier(load_saliency=FILE, ...)`` through oneshot's data-free
+   pipeline (timed: the extraction), and a fresh calibration at that config with
+   ``calibration_inputs: dense`` and the same seed and batches (timed); every parameter of the
+   two pruned models is compared bit for bit.
+
+One JSON line per config (stdout, and appended to ``--output``): ``identical``, the number of
+differing tensors, extraction and calibration seconds and peak memory, their ratio, and (with
+``--eval-tokens`` > 0) the extracted model's perplexity. ``reconstruct`` is ``none`` here: the
+re-fit needs each layer's calibration inputs, so it is not part of extraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import quality
+from quality import RESULTS, SHARED, Config, default_text, log, release
+
+with contextlib.redirect_stdout(sys.stderr):
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+
+    from unipruning_modifier import UniPruningModifier
+    from unipruning_modifier import data as updata
+    from unipruning_modifier.device import PeakMemory, timed
+
+IGNORE = ["re:.*lm_head"]
+
+
+def fields(config: Config) -> dict:
+    if config.structured:
+        return {"mask_structure": f"{config.n}:{config.m}"}
+    return {"sparsity": config.sparsity}
+
+
+class ExtractBenchmark(quality.Benchmark):
+    def __init__(self, args):
+        args.unipruning_args = []
+        args.heldout = None
+        super().__init__(args)
+
+    def run_oneshot(self, modifier, calibrate: bool):
+        model = self.load()
+        torch.manual_seed(self.args.seed)
+        kwargs = dict(dataset=self.calib_ds, num_calibration_samples=self.args.num_samples,
+                      max_seq_length=self.args.seq_len, processor=self.tokenizer, pipeline="sequential")
+        with PeakMemory(self.device) as memory, timed(self.device) as timing:
+            oneshot(model=model, recipe=[modifier], **(kwargs if calibrate else {}))
+        with contextlib.suppress(Exception):
+            reset_session()
+        return model.eval(), {"seconds": timing["seconds"], "peak_memory_mb": memory.peak_mb}
+
+    def sweep(self, configs: list[Config], saliency: Path) -> None:
+        first = configs[0]
+        log(f"calibrating once ({first}) -> {saliency}")
+        model, cost = self.run_oneshot(
+            UniPruningModifier(ignore=IGNORE, seed=self.args.seed, save_saliency=str(saliency), **fields(first)), True
+        )
+        self.record("calibrate_once", str(first), seconds=cost["seconds"], peak_memory_mb=cost["peak_memory_mb"],
+                    saliency_mb=saliency.stat().st_size / 2**20)
+        del model
+        release(self.device)
+        for config in configs:
+            log(f"{config}: extraction")
+            extracted, extract_cost = self.run_oneshot(
+                UniPruningModifier(ignore=IGNORE, load_saliency=str(saliency), **fields(config)), False
+            )
+            state = {k: v.detach().cpu().clone() for k, v in extracted.state_dict().items()}
+            sparsity = quality.evaluation.total_sparsity(extracted, quality.target_names(extracted))
+            ppl = None
+            if self.args.eval_tokens:
+                ppl = quality.evaluation.perplexity(extracted, self.eval_tokens, self.args.eval_window, self.args.eval_tokens)
+            del extracted
+            release(self.device)
+            log(f"{config}: fresh calibration")
+            fresh, fresh_cost = self.run_oneshot(
+                UniPruningModifier(ignore=IGNORE, seed=self.args.seed, calibration_inputs="dense", **fields(config)), True
+            )
+            differing = [k for k, v in fresh.state_dict().items() if not torch.equal(v.detach().cpu(), state[k])]
+            del fresh
+            release(self.device)
+            self.record(
+                "extract", str(config), sparsity=sparsity, ppl=ppl,
+                identical=not differing, differing_tensors=len(differing),
+                seconds=extract_cost["seconds"], peak_memory_mb=extract_cost["peak_memory_mb"],
+                calibrate_seconds=fresh_cost["seconds"], calibrate_peak_memory_mb=fresh_cost["peak_memory_mb"],
+                speedup=fresh_cost["seconds"] / extract_cost["seconds"],
+            )
+            log(f"{config}: identical={not differing}, extraction {extract_cost['seconds']:.2f}s vs "
+                f"calibration {fresh_cost['seconds']:.1f}s")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", help="local Hugging Face causal LM folder ('demo' = the vendored demo model)")
+    parser.add_argument("--configs", nargs="+", default=["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "2:4", "4:8"])
+    parser.add_argument("--calib", default=default_text(str(SHARED / "data" / "calib.txt"), updata.demo_calibration_text))
+    parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text))
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-window", type=int, default=1024)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="perplexity of each extracted model (0: skip)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=sorted(quality.DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
+    parser.add_argument("--label", default=None)
+    args = parser.parse_args(argv)
+    if args.model == "demo":
+        args.model = updata.demo_model_path()
+    try:
+        args.configs = [Config(c) for c in args.configs]
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv=None) -> int:
+    quality._log_to_stderr()
+    args = parse_args(argv)
+    sys.stdout = sys.stderr
+    try:
+        start = time.perf_counter()
+        bench = ExtractBenchmark(args)
+        with tempfile.TemporaryDirectory() as folder:
+            bench.sweep(args.configs, Path(folder) / "saliency.safetensors")
+        log(f"done in {time.perf_counter() - start:.1f}s")
+        return 0 if all(r.get("identical", True) for r in bench.results) else 1
+    finally:
+        sys.stdout = RESULTS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
