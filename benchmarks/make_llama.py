@@ -17,6 +17,29 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from unipruning_modifier.data import demo_model_path
 
 
+def build(out, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None, seed: int = 0) -> int:
+    """Save a random bf16 Llama of these shapes (demo tokenizer) to ``out``; its parameter count."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
@@ -27,25 +50,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="bfloat16",
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.out}")
+    count = build(args.out, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.seed)
+    print(f"{count / 1e6:.1f}M parameters -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,20 @@ __version__ = "0.1.0"
 __all__ = ["__version__"]
 
 if find_spec("llmcompressor") is not None:
-    from llmcompressor.modifiers.factory import ModifierFactory
+    try:
+        from llmcompressor.modifiers.factory import ModifierFactory
 
-    from .masked_gptq import MaskedGPTQModifier
-    from .modifier import UniPruningModifier
+        from .masked_gptq import MaskedGPTQModifier
+        from .modifier import UniPruningModifier
+    except ImportError as error:  # e.g. llm-compressor beside vLLM's compressed-tensors pin
+        import warnings
 
-    __all__ += ["MaskedGPTQModifier", "UniPruningModifier"]
-    for _modifier in (UniPruningModifier, MaskedGPTQModifier):
-        ModifierFactory.register(_modifier.__name__, _modifier)
+        warnings.warn(
+            f"llm-compressor is installed but does not import ({error}); only unipruning_modifier.checkpoint "
+            "and unipruning_modifier.serving are usable in this environment",
+            stacklevel=2,
+        )
+    else:
+        __all__ += ["MaskedGPTQModifier", "UniPruningModifier"]
+        for _modifier in (UniPruningModifier, MaskedGPTQModifier):
+            ModifierFactory.register(_modifier.__name__, _modifier)

@@ -7,8 +7,8 @@ Needs a CUDA GPU (compute capability >= 8.0) and a torch build with cuSPARSELt. 
 same rule the plugin applies at load (``serving.kernels.choose_threshold`` over these rows) and
 ``max_abs_err`` compares the sparse result with the dense one.
 
-    python benchmarks/kernels.py --out benchmarks/results/h100-kernels.jsonl
-    python benchmarks/kernels.py --shapes 4096x4096 14336x4096 --dtype float16 --n 1 16 4096
+    python benchmarks/sparse_matmul.py --out benchmarks/results/h100-kernels.jsonl
+    python benchmarks/sparse_matmul.py --shapes 4096x4096 14336x4096 --dtype float16 --n 1 16 4096
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ok, reason = kernels.kernel_available()
     if not ok:
-        print(f"benchmarks/kernels.py needs a GPU with cuSPARSELt: {reason}", file=sys.stderr)
+        print(f"benchmarks/sparse_matmul.py needs a GPU with cuSPARSELt: {reason}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     info = {
