@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
     extract.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: fp32 on CPU)")
     extract.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+
+    evaluate = commands.add_parser("eval", help="zero-shot tasks and perplexity with lm-eval-harness")
+    evaluate.add_argument("--model", required=True, help="checkpoint folder (sparse formats included) or hub id")
+    evaluate.add_argument(
+        "--tasks", required=True,
+        help="comma-separated: lm-eval task names (wikitext, arc_easy, hellaswag, piqa, winogrande, boolq, rte, "
+        "openbookqa, ...), text:PATH (perplexity of a text file), unipruning_demo_ppl, unipruning_demo_mc",
+    )
+    evaluate.add_argument("--limit", type=int, help="at most this many documents per task")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
+    evaluate.add_argument("--dtype", choices=DTYPES, default="auto", help="load dtype (auto: fp32 on CPU)")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     return parser
 
 
@@ -391,6 +405,66 @@ def extract(args: argparse.Namespace) -> dict:
     }
 
 
+def evaluate(args: argparse.Namespace) -> dict:
+    """Validate the tasks, load the checkpoint (sparse formats decompressed), run lm-eval."""
+    import time
+    from importlib.util import find_spec
+
+    if find_spec("lm_eval") is None:
+        raise UsageError("lm-eval is not installed: pip install 'unipruning-modifier[eval]'")
+    model_id = check_model(args.model)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks: give at least one task")
+    if args.limit is not None:
+        _positive("--limit", args.limit)
+    _positive("--batch-size", args.batch_size)
+    device = select(args.device)
+
+    import torch
+
+    from .checkpoint.io import load_sparse, sparse_config_of
+    from .lm_evaluation import task_specs
+    from .lm_evaluation import evaluate as run_tasks
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            task_specs(tasks, Path(folder))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--tasks: {error}") from error
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log(f"loading {model_id} on {device}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+        local = Path(model_id).is_dir()
+        sparse = sparse_config_of(model_id) if local else None
+        if args.dtype != "auto":
+            dtype = getattr(torch, args.dtype)
+        elif device.type == "cpu":
+            dtype = torch.float32
+        else:
+            dtype = checkpoint_dtype(AutoConfig.from_pretrained(model_id, trust_remote_code=args.trust_remote_code))
+        if local:
+            model = load_sparse(model_id, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    except OSError as error:
+        raise UsageError(f"--model {args.model}: cannot load it ({error})") from error
+    model = model.to(device).eval()
+    start = time.perf_counter()
+    results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
+    return {
+        "model": str(model_id),
+        "sparsity_config": sparse,
+        "device": str(device),
+        "limit": args.limit,
+        "tasks": results,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def print_summary(result: dict) -> None:
     source = result["recipe"] if "recipe" in result else f"saliency {result['saliency']}"
     print(f"Pruned {result['model']} with {source} -> {result['output']}")
@@ -414,7 +488,14 @@ def print_summary(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print_summary(prune(args) if args.command == "prune" else extract(args))
+        if args.command == "eval":
+            result = evaluate(args)
+            for task, metrics in result["tasks"].items():
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith("stderr") and k != "sample_len")
+                print(f"{task}: {shown}")
+            print(json.dumps(result), flush=True)
+        else:
+            print_summary(prune(args) if args.command == "prune" else extract(args))
     except UsageError as error:
         print(f"unipruning {args.command}: error: {error}", file=sys.stderr)
         return 2
