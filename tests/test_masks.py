@@ -381,3 +381,15 @@ def test_global_allocation_matches_brute_force_exactly_without_ties(sparsity):
     assert sum(high for low, high in bounds.values()) == target
     assert sum(high - low for low, high in bounds.values()) == 1
     assert keep == masks.global_allocation(scores, sparsity)  # clamp None behaves like 1.0
+
+
+@pytest.mark.parametrize("levels", [3, 50, 100000])
+@pytest.mark.parametrize("nkeys", [1, 2, 3])
+def test_top_mask_1d_equals_the_stable_sort(levels, nkeys):
+    """The kthvalue path keeps exactly what the full lexicographic sort keeps, ties included."""
+    from unipruning_modifier.masks import _keep_first, top_mask_1d
+
+    gen = torch.Generator().manual_seed(levels + nkeys)
+    keys = [torch.randint(0, levels, (5000,), generator=gen).float() for _ in range(nkeys)]
+    for keep in (0, 1, 777, 2500, 4999, 5000):
+        assert torch.equal(top_mask_1d(keys, keep), _keep_first(keys, keep)), keep

@@ -68,13 +68,34 @@ def _keep_first(keys: Sequence[torch.Tensor], keep: int, dim: int = -1) -> torch
     return mask
 
 
+def top_mask_1d(keys: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
+    """``_keep_first`` on 1-D keys without sorting everything: the same mask, in O(n).
+
+    The ``keep``-th largest primary key is found with ``kthvalue``; everything above it is kept,
+    and only the weights tied with it are ranked (by the other keys, then by index, as the
+    stable sort would).
+    """
+    primary = keys[0]
+    total = primary.numel()
+    if keep <= 0 or keep >= total:
+        return torch.full_like(primary, keep > 0, dtype=torch.bool)
+    threshold = primary.kthvalue(total - keep + 1).values
+    mask = primary > threshold
+    ties = (primary == threshold).nonzero().reshape(-1)
+    missing = keep - int(mask.sum())
+    if len(keys) > 1:
+        ties = ties[rank_descending([k[ties] for k in keys[1:]])]
+    mask[ties[:missing]] = True
+    return mask
+
+
 def unstructured_mask(keys: Sequence[torch.Tensor], sparsity: float | None = None, keep: int | None = None) -> torch.Tensor:
     """Keep the ``keep`` (or ceil((1-p)*numel)) highest-ranked weights of the whole layer."""
     shape = keys[0].shape
     flat = [k.reshape(-1) for k in keys]
     if keep is None:
         keep = kept_count(flat[0].numel(), sparsity)
-    return _keep_first(flat, keep).reshape(shape)
+    return top_mask_1d(flat, keep).reshape(shape)
 
 
 def row_mask(keys: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
