@@ -22,11 +22,10 @@ import argparse
 import contextlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import quality
-from quality import RESULTS, SHARED, Config, default_text, log, release
+from quality import SHARED, Config, default_text, log, release
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
@@ -128,19 +127,15 @@ def parse_args(argv=None):
     return args
 
 
+def run(args) -> int:
+    bench = ExtractBenchmark(args)
+    with tempfile.TemporaryDirectory() as folder:
+        bench.sweep(args.configs, Path(folder) / "saliency.safetensors")
+    return 0 if all(r.get("identical", True) for r in bench.results) else 1
+
+
 def main(argv=None) -> int:
-    quality._log_to_stderr()
-    args = parse_args(argv)
-    sys.stdout = sys.stderr
-    try:
-        start = time.perf_counter()
-        bench = ExtractBenchmark(args)
-        with tempfile.TemporaryDirectory() as folder:
-            bench.sweep(args.configs, Path(folder) / "saliency.safetensors")
-        log(f"done in {time.perf_counter() - start:.1f}s")
-        return 0 if all(r.get("identical", True) for r in bench.results) else 1
-    finally:
-        sys.stdout = RESULTS
+    return quality.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -478,27 +478,32 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def script_main(parse, run, argv=None) -> int:
+    """Entry point shared by the benchmark scripts: library logs to stderr, JSON lines alone on stdout."""
     _log_to_stderr()
-    args = parse_args(argv)
+    args = parse(argv)
     sys.stdout = sys.stderr  # stray prints (libraries, tqdm.write) must not mix with the JSON lines
+    start = time.perf_counter()
     try:
-        return sweep(args)
+        return run(args)
     finally:
+        log(f"done in {time.perf_counter() - start:.1f}s")
         sys.stdout = RESULTS
+
+
+def main(argv=None) -> int:
+    return script_main(parse_args, sweep, argv)
 
 
 def sweep(args) -> int:
     bench = Benchmark(args)
     log(f"model {args.model} on {bench.device} ({args.dtype}); {len(bench.calib_ds)} calibration windows "
         f"of {args.seq_len}; eval {bench.eval_tokens_used} tokens in windows of {args.eval_window}")
-    start = time.perf_counter()
     if not args.no_dense:
         bench.dense()
     for method in args.methods:
         for config in args.configs:
             bench.run(method, config)
-    log(f"done in {time.perf_counter() - start:.1f}s")
     if args.plot:
         plot(bench.results, args.plot)
     if bench.output:

@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import quality
-from quality import RESULTS, SHARED, default_text, log, release, target_names
+from quality import SHARED, default_text, log, release, target_names
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
@@ -176,21 +175,17 @@ def parse_args(argv=None):
     return args
 
 
+def run(args) -> int:
+    bench = QuantBenchmark(args)
+    bench.dense()
+    bench.prune()
+    for name in args.quantizers:
+        bench.quantize(name)
+    return 1 if any("error" in r for r in bench.results) else 0
+
+
 def main(argv=None) -> int:
-    quality._log_to_stderr()
-    args = parse_args(argv)
-    sys.stdout = sys.stderr
-    try:
-        start = time.perf_counter()
-        bench = QuantBenchmark(args)
-        bench.dense()
-        bench.prune()
-        for name in args.quantizers:
-            bench.quantize(name)
-        log(f"done in {time.perf_counter() - start:.1f}s")
-        return 1 if any("error" in r for r in bench.results) else 0
-    finally:
-        sys.stdout = RESULTS
+    return quality.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

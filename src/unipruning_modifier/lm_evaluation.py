@@ -33,26 +33,36 @@ def _write_jsonl(rows: list[dict], folder: Path, name: str) -> str:
     return str(path)
 
 
+def _json_task(name: str, rows: list[dict], folder: Path, **fields) -> dict:
+    """lm-eval task config over ``rows`` written as a local JSON-lines test split."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": _write_jsonl(rows, folder, name)}},
+        "test_split": "test",
+        **fields,
+        "metadata": {"version": 1.0},
+    }
+
+
 def perplexity_task(name: str, text: str, folder: Path) -> dict:
     """lm-eval task config: rolling loglikelihood over the text's blank-line-separated documents."""
     documents = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     if not documents:
         raise ValueError(f"task {name}: the text is empty")
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": _write_jsonl([{"text": d} for d in documents], folder, name)}},
-        "test_split": "test",
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "{{text}}",
-        "metric_list": [
+    return _json_task(
+        name,
+        [{"text": d} for d in documents],
+        folder,
+        output_type="loglikelihood_rolling",
+        doc_to_text="",
+        doc_to_target="{{text}}",
+        metric_list=[
             {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
             {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
             {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
         ],
-        "metadata": {"version": 1.0},
-    }
+    )
 
 
 def cloze_items(text: str, count: int = 64, seed: int = 0) -> list[dict]:
@@ -74,22 +84,21 @@ def cloze_items(text: str, count: int = 64, seed: int = 0) -> list[dict]:
 
 
 def multiple_choice_task(name: str, items: list[dict], folder: Path) -> dict:
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": _write_jsonl(items, folder, name)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{context}}",
-        "doc_to_choice": "choices",
-        "doc_to_target": "label",
-        "target_delimiter": "",
-        "metric_list": [
+    """lm-eval task config: pick ``choices[label]`` after ``context`` (accuracy, length-normalised too)."""
+    return _json_task(
+        name,
+        items,
+        folder,
+        output_type="multiple_choice",
+        doc_to_text="{{context}}",
+        doc_to_choice="choices",
+        doc_to_target="label",
+        target_delimiter="",
+        metric_list=[
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ],
-        "metadata": {"version": 1.0},
-    }
+    )
 
 
 def task_specs(names: list[str], folder: Path) -> list[str | dict]:
