@@ -11,7 +11,8 @@ cost depends on the shapes only). Every (size, method) runs in its own process
 memory is that run's alone. ``unipruning`` is the paper's method (mask only), ``unipruning_ls``
 the shipped recipes' setting (``reconstruct: least_squares``). JSON lines go to stdout (and
 ``--output``) with ``params``, ``hidden``, ``layers`` added; ``--plot`` draws seconds and
-peak memory against parameters.
+peak memory against parameters for the sizes of the smallest depth (the width sweep);
+``--replot JSONL --plot PNG`` redraws from earlier lines.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    depth = min(r["layers"] for r in rows)
+    rows = [r for r in rows if r["layers"] == depth]  # the width sweep; depths are in the table
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r["cost_method"] for r in rows):
         points = sorted((r["params"], r["seconds"], r["peak_memory_mb"]) for r in rows
@@ -84,13 +87,16 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     device = rows[0].get("device", "?") if rows else "?"
-    fig.suptitle(f"pruning cost at 50% unstructured vs model size ({device})", fontsize=10)
+    fig.suptitle(f"pruning cost at 50% unstructured, {depth} decoder layers of growing width ({device})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
-    from unipruning_modifier import data as updata
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # llm-compressor's import-time warning goes to stdout
+        from unipruning_modifier import data as updata
 
     shared_calib = HERE.parents[1] / "shared" / "data" / "calib.txt"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -103,7 +109,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
     parser.add_argument("--plot", default=None, metavar="PNG")
+    parser.add_argument("--replot", default=None, metavar="JSONL", help="only draw --plot from lines of an earlier run")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = [json.loads(line) for line in Path(args.replot).read_text().splitlines() if line.strip()]
+        plot(rows, args.plot or "cost.png")
+        return 0
 
     from make_llama import build
 
