@@ -29,12 +29,10 @@ from quality import SHARED, Config, default_text, log, release
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
-    from llmcompressor import oneshot
     from llmcompressor.core import reset_session
 
     from unipruning_modifier import UniPruningModifier
     from unipruning_modifier import data as updata
-    from unipruning_modifier.device import PeakMemory, timed
 
 IGNORE = ["re:.*lm_head"]
 
@@ -53,14 +51,10 @@ class ExtractBenchmark(quality.Benchmark):
 
     def run_oneshot(self, modifier, calibrate: bool):
         model = self.load()
-        torch.manual_seed(self.args.seed)
-        kwargs = dict(dataset=self.calib_ds, num_calibration_samples=self.args.num_samples,
-                      max_seq_length=self.args.seq_len, processor=self.tokenizer, pipeline="sequential")
-        with PeakMemory(self.device) as memory, timed(self.device) as timing:
-            oneshot(model=model, recipe=[modifier], **(kwargs if calibrate else {}))
+        cost = self.timed_oneshot(model, [modifier], calibrate)
         with contextlib.suppress(Exception):
             reset_session()
-        return model.eval(), {"seconds": timing["seconds"], "peak_memory_mb": memory.peak_mb}
+        return model.eval(), cost
 
     def sweep(self, configs: list[Config], saliency: Path) -> None:
         first = configs[0]

@@ -243,6 +243,16 @@ def release(device: torch.device) -> None:
 # --------------------------------------------------------------------------- runs
 
 
+def _cost(memory: PeakMemory, timing: dict) -> dict:
+    """The seconds and peak-memory fields of a JSON line."""
+    return {
+        "seconds": timing["seconds"],
+        "peak_memory_mb": memory.peak_mb,
+        "rss_peak_mb": memory.rss_peak_mb,
+        "device_peak_mb": memory.device_peak_mb,
+    }
+
+
 class Benchmark:
     def __init__(self, args):
         self.args = args
@@ -330,6 +340,21 @@ class Benchmark:
             del model
             release(self.device)
 
+    def timed_oneshot(self, model, recipe, calibrate: bool = True) -> dict:
+        """``oneshot(model, recipe)`` on the shared calibration windows (or data-free with
+        ``calibrate=False``), timed alone; its seconds and peak memory fields."""
+        data = dict(
+            dataset=self.calib_ds,
+            num_calibration_samples=self.args.num_samples,
+            max_seq_length=self.args.seq_len,
+            processor=self.tokenizer,
+            pipeline="sequential",
+        )
+        torch.manual_seed(self.args.seed)  # oneshot's RandomSampler: same batch order every run
+        with PeakMemory(self.device) as memory, timed(self.device) as timing:
+            oneshot(model=model, recipe=recipe, **(data if calibrate else {}))
+        return _cost(memory, timing)
+
     def run(self, method: str, config: Config) -> None:
         args = self.args
         log(f"{method} {config}: loading {args.model}")
@@ -341,18 +366,9 @@ class Benchmark:
                 names = target_names(model)
                 with PeakMemory(self.device) as memory, timed(self.device) as timing:
                     magnitude_prune(model, names, config)
+                cost = _cost(memory, timing)
             else:
-                torch.manual_seed(args.seed)  # oneshot's RandomSampler: same batch order every run
-                with PeakMemory(self.device) as memory, timed(self.device) as timing:
-                    oneshot(
-                        model=model,
-                        dataset=self.calib_ds,
-                        recipe=[modifier],
-                        num_calibration_samples=args.num_samples,
-                        max_seq_length=args.seq_len,
-                        processor=self.tokenizer,
-                        pipeline="sequential",
-                    )
+                cost = self.timed_oneshot(model, [modifier])
             model.eval()
             sparsity, ppl, names = self.evaluate(model)
             checks = {"target_sparsity": config.sparsity}
@@ -371,13 +387,10 @@ class Benchmark:
                 str(config),
                 sparsity=sparsity,
                 **ppl,
-                seconds=timing["seconds"],
-                peak_memory_mb=memory.peak_mb,
-                rss_peak_mb=memory.rss_peak_mb,
-                device_peak_mb=memory.device_peak_mb,
+                **cost,
                 **checks,
             )
-            log(f"{method} {config}: sparsity {sparsity:.4f} {ppl} in {timing['seconds']:.1f}s")
+            log(f"{method} {config}: sparsity {sparsity:.4f} {ppl} in {cost['seconds']:.1f}s")
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
             self.failed(method, str(config), error)
         finally:

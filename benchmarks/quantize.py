@@ -33,7 +33,6 @@ from quality import SHARED, default_text, log, release, target_names
 with contextlib.redirect_stdout(sys.stderr):
     import torch
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-    from llmcompressor import oneshot
     from llmcompressor.core import reset_session
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -41,7 +40,6 @@ with contextlib.redirect_stdout(sys.stderr):
     from unipruning_modifier import MaskedGPTQModifier
     from unipruning_modifier import data as updata
     from unipruning_modifier.cli import BUILTIN_RECIPES
-    from unipruning_modifier.device import PeakMemory, timed
 
 QUANTIZERS = ("rtn", "gptq", "masked_gptq", "masked_gptq_kept")
 
@@ -88,25 +86,10 @@ class QuantBenchmark(quality.Benchmark):
         self.pruned_state: dict[str, torch.Tensor] | None = None
         self.pruned_zeros: dict[str, torch.Tensor] = {}
 
-    def oneshot(self, model, recipe):
-        torch.manual_seed(self.args.seed)
-        with PeakMemory(self.device) as memory, timed(self.device) as timing:
-            oneshot(
-                model=model,
-                dataset=self.calib_ds,
-                recipe=recipe,
-                num_calibration_samples=self.args.num_samples,
-                max_seq_length=self.args.seq_len,
-                processor=self.tokenizer,
-                pipeline="sequential",
-            )
-        return {"seconds": timing["seconds"], "peak_memory_mb": memory.peak_mb,
-                "rss_peak_mb": memory.rss_peak_mb, "device_peak_mb": memory.device_peak_mb}
-
     def prune(self) -> None:
         log(f"pruning with {self.args.prune_recipe}")
         model = self.load()
-        cost = self.oneshot(model, self.args.prune_recipe)
+        cost = self.timed_oneshot(model, self.args.prune_recipe)
         model.eval()
         names = target_names(model)
         self.pruned_zeros = {n: m.weight.detach().eq(0).cpu() for n, m in model.named_modules() if n in names}
@@ -125,7 +108,7 @@ class QuantBenchmark(quality.Benchmark):
         try:
             model = self.load()
             model.load_state_dict(self.pruned_state)
-            cost = self.oneshot(model, [build_quantizer(name, self.args.scheme)])
+            cost = self.timed_oneshot(model, [build_quantizer(name, self.args.scheme)])
             model.eval()
             names = target_names(model)
             sparsity, ppl, _ = self.evaluate(model)

@@ -421,19 +421,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     _positive("--batch-size", args.batch_size)
     device = select(args.device)
 
+    from .lm_evaluation import evaluate as run_tasks
+    from .lm_evaluation import task_specs
+
+    with tempfile.TemporaryDirectory(prefix="unipruning-tasks-") as folder:  # local tasks' data files
+        try:
+            specs = task_specs(tasks, Path(folder))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--tasks: {error}") from error
+        model, tokenizer, sparse = load_for_eval(model_id, args, device)
+        start = time.perf_counter()
+        results = run_tasks(model, tokenizer, specs, batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
+    return {
+        "model": str(model_id),
+        "sparsity_config": sparse,
+        "device": str(device),
+        "limit": args.limit,
+        "tasks": results,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_for_eval(model_id: str, args: argparse.Namespace, device):
+    """(model on ``device``, tokenizer, sparsity_config or None); sparse folders via load_sparse."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint.io import load_sparse, sparse_config_of
-    from .lm_evaluation import task_specs
-    from .lm_evaluation import evaluate as run_tasks
-
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            task_specs(tasks, Path(folder))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--tasks: {error}") from error
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading {model_id} on {device}")
     try:
@@ -452,17 +466,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=args.trust_remote_code)
     except OSError as error:
         raise UsageError(f"--model {args.model}: cannot load it ({error})") from error
-    model = model.to(device).eval()
-    start = time.perf_counter()
-    results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
-    return {
-        "model": str(model_id),
-        "sparsity_config": sparse,
-        "device": str(device),
-        "limit": args.limit,
-        "tasks": results,
-        "seconds": time.perf_counter() - start,
-    }
+    return model.to(device).eval(), tokenizer, sparse
 
 
 def print_summary(result: dict) -> None:

@@ -14,10 +14,10 @@ Two kinds of local task need no download:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
-import tempfile
 from pathlib import Path
 
 from . import data
@@ -101,9 +101,18 @@ def multiple_choice_task(name: str, items: list[dict], folder: Path) -> dict:
     )
 
 
+@functools.cache
+def task_manager():
+    """lm-eval's task index, built once per process (indexing every task takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def task_specs(names: list[str], folder: Path) -> list[str | dict]:
     """lm-eval task specs for ``names``: local tasks become config dicts, others stay names.
 
+    The local tasks' data files are written to ``folder``, which must outlive the evaluation.
     Raises ValueError naming the task when a local text is missing or the name is unknown to lm-eval.
     """
     specs: list[str | dict] = []
@@ -121,9 +130,7 @@ def task_specs(names: list[str], folder: Path) -> list[str | dict]:
             specs.append(perplexity_task(f"text_{re.sub(r'[^A-Za-z0-9]+', '_', path.stem)}", path.read_text(encoding="utf-8"), folder))
         else:
             if known is None:
-                from lm_eval.tasks import TaskManager
-
-                known = set(TaskManager().all_tasks)
+                known = set(task_manager().all_tasks)
             if name not in known:
                 unknown.append(name)
             specs.append(name)
@@ -146,14 +153,14 @@ def _clean(metrics: dict) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
+def evaluate(model, tokenizer, specs: list[str | dict], batch_size: int = 8, limit: int | None = None,
              num_fewshot: int | None = None) -> dict[str, dict]:
-    """Run lm-eval on an already-loaded model; {task: {metric: value}}."""
+    """Run lm-eval on an already-loaded model for ``task_specs``' specs; {task: {metric: value}}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with tempfile.TemporaryDirectory(prefix="unipruning-tasks-") as folder:
-        specs = task_specs(tasks, Path(folder))
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = simple_evaluate(model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, log_samples=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(
+        model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, log_samples=False, task_manager=task_manager()
+    )
     return {task: _clean(metrics) for task, metrics in results["results"].items()}

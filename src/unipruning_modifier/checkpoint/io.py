@@ -199,12 +199,11 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None, tru
 
         model_class = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], str(folder))
     try:
-        model = model_class.from_pretrained(
+        model, info = model_class.from_pretrained(
             None, config=config, state_dict=state_dict, dtype=dtype or "auto", output_loading_info=True
         )
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{folder}: checkpoint does not match the model: {error}") from error
-    model, info = model
     if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
         raise ValueError(
             f"{folder}: checkpoint does not match the model: missing {sorted(info['missing_keys'])[:5]}, "
@@ -234,9 +233,10 @@ def enable_sparse_save(
 
         @functools.wraps(original)
         def save_pretrained(save_directory, *args, sparse_format: str | None = None, **kwargs):
-            sparsity = _global_sparsity(model)  # before llm-compressor compresses it in place
+            rewrite = kwargs.get("save_compressed", True) and sparse_format != "dense" and _is_main_process()
+            sparsity = _global_sparsity(model) if rewrite else None  # before llm-compressor compresses it in place
             original(save_directory, *args, **kwargs)
-            if not kwargs.get("save_compressed", True) or not _is_main_process():
+            if not rewrite:
                 return
             structures = spec["structures"]
             structure = next(iter(structures)) if len(structures) == 1 else "unstructured"
