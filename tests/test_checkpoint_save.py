@@ -47,6 +47,8 @@ def test_oneshot_output_dir_writes_sparse_and_loads_back(tiny_model_path, calibr
     reloaded = load_sparse(out)
     assert torch.equal(logits(reloaded, tokens), logits(model, tokens))
     assert (out / "recipe.yaml").is_file()
+    # trust_remote_code only allows folder code; a built-in architecture loads the same way
+    assert torch.equal(logits(load_sparse(out, trust_remote_code=True), tokens), logits(model, tokens))
 
 
 def test_sparse_checkpoint_is_smaller_and_opt_out_stays_dense(tiny_model_path, calibration, tokenizer, tmp_path):

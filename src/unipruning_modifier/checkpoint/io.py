@@ -193,11 +193,15 @@ def load_sparse(folder: str | os.PathLike, dtype: torch.dtype | None = None, tru
     else:
         del config.quantization_config
     state_dict = load_sparse_state_dict(folder, sparse)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)] if not trust_remote_code else None
-    if model_class is None:
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if trust_remote_code and remote:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        model_class = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], str(folder))
+        model_class = get_class_from_dynamic_module(remote, str(folder))
+    elif type(config) in AutoModelForCausalLM._model_mapping:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    else:
+        raise ValueError(f"{folder}: no causal-LM class for {type(config).__name__} (pass trust_remote_code for model code in the folder)")
     try:
         model, info = model_class.from_pretrained(
             None, config=config, state_dict=state_dict, dtype=dtype or "auto", output_loading_info=True
