@@ -77,6 +77,19 @@ def test_kernel_mode(monkeypatch):
         kernels.kernel_mode()
 
 
+def test_small_layers_skip_the_algorithm_search(monkeypatch):
+    """The search crashed cuSPARSELt on a 256x512 fp16 weight (H100): small layers never call it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("search called")
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", refuse, raising=False)
+    assert kernels.search_algorithm(None, None, 256, 512) == 0
+    assert kernels.search_algorithm(None, None, 4096, kernels.SEARCH_MIN_DIM - 16) == 0
+    with pytest.raises(AssertionError, match="search called"):
+        kernels.search_algorithm(torch.zeros(1), torch.zeros(8, 1024), 1024, 1024)
+
+
 def test_cpu_weights_stay_dense():
     weight = kernels.random_24(64, 64, torch.bfloat16, "cpu")
     decision = kernels.decide(weight, "auto")

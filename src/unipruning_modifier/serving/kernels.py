@@ -10,7 +10,7 @@ Decisions are cached per (out, in, dtype, device) for the process, so a model me
 distinct shape once.
 
 Why measured and not assumed: on an H100 with torch 2.11 the sparse call costs a flat
-~0.45 ms of set-up whatever n, so it loses up to 30x at decode sizes and wins up to 1.5x only
+0.5-1.4 ms of set-up whatever n, so it loses up to 30x at decode sizes and wins up to 1.5x only
 for n >= 4096 (docs/serving.md has the table). ``UNIPRUNING_SPARSE_KERNEL`` overrides the rule:
 ``auto`` (default), ``off`` (always dense) or ``always`` (sparse for every n, no dense copy
 kept: 0.56x the weight memory, slower at small n).
@@ -34,11 +34,16 @@ __all__ = [
     "kernel_mode",
     "measure_shape",
     "random_24",
+    "search_algorithm",
     "shape_supported",
 ]
 
 SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 N_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+# cuSPARSELt's algorithm search failed with an internal error on a 256x512 fp16 weight on an
+# H100 (torch 2.11, cuSPARSELt 0.8) and left the CUDA context unusable; every shape from 1024
+# up searched fine. Smaller layers use the default algorithm (id 0), which ran correctly.
+SEARCH_MIN_DIM = 1024
 _MODES = ("auto", "off", "always")
 
 
@@ -120,6 +125,13 @@ def _sparse_mm(packed: torch.Tensor, x: torch.Tensor, bias, alg_id: int) -> torc
     return out[:n] if out.shape[0] != n else out
 
 
+def search_algorithm(packed: torch.Tensor, x: torch.Tensor, out_features: int, in_features: int) -> int:
+    """cuSPARSELt's fastest algorithm id for this weight and input, or 0 where searching is unsafe."""
+    if min(out_features, in_features) < SEARCH_MIN_DIM:
+        return 0
+    return int(torch._cslt_sparse_mm_search(packed, _pad_rows(x).t(), transpose_result=True))
+
+
 def _time_ms(fn, iters: int) -> float:
     for _ in range(3):
         fn()
@@ -142,7 +154,7 @@ def measure_shape(
     rows = []
     for n in buckets:
         x = torch.randn(n, in_features, device=weight.device, dtype=weight.dtype)
-        alg_id = int(torch._cslt_sparse_mm_search(packed, _pad_rows(x).t(), transpose_result=True))
+        alg_id = search_algorithm(packed, x, out_features, in_features)
         dense_ms = _time_ms(lambda: torch.nn.functional.linear(x, weight), iters)
         sparse_ms = _time_ms(lambda: _sparse_mm(packed, x, None, alg_id), iters)
         rows.append(
