@@ -306,6 +306,7 @@ class Benchmark:
             eval_tokens=self.eval_tokens_used,
             seed=args.seed,
             extra=self.extra if method == "unipruning" else {},
+            sequential_targets=args.sequential_targets,
             label=args.label,
         )
         line = json.dumps(row)
@@ -350,6 +351,8 @@ class Benchmark:
             processor=self.tokenizer,
             pipeline="sequential",
         )
+        if self.args.sequential_targets:
+            data["sequential_targets"] = self.args.sequential_targets
         torch.manual_seed(self.args.seed)  # oneshot's RandomSampler: same batch order every run
         with PeakMemory(self.device) as memory, timed(self.device) as timing:
             oneshot(model=model, recipe=recipe, **(data if calibrate else {}))
@@ -475,6 +478,9 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
     parser.add_argument("--unipruning-args", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra UniPruningModifier fields, values parsed as YAML (kappa=0.02 metric=wanda)")
+    parser.add_argument("--sequential-targets", nargs="+", default=None, metavar="CLASS",
+                        help="oneshot's sequential_targets (default: the decoder layer class), e.g. "
+                             "LlamaAttention LlamaMLP to calibrate each MLP on the pruned attention's outputs")
     parser.add_argument("--label", default=None, help="free text added to every line")
     parser.add_argument("--plot", default=None, metavar="PNG", help="perplexity vs sparsity (unstructured configs)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline line")

@@ -225,6 +225,23 @@ def test_first_step_bookkeeping_on_random_run():
     torch.testing.assert_close(state.anchor_mean, torch.stack(anchors).mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_untracked_first_step_leaves_the_rest_of_the_state_bit_identical():
+    """Skipping first_step (the default order needs it not) must not change z, Gamma or the anchor mean."""
+    shape = (32, 48)
+    tracked = SaliencyState.zeros(shape, "cpu")
+    untracked = SaliencyState.zeros(shape, "cpu", track_first_step=False)
+    assert untracked.first_step is None
+    g1, g2, data = _gen(5), _gen(5), _gen(6)
+    for _ in range(6):
+        anchor = torch.randn(shape, generator=data).abs()
+        mirror_descent_step(tracked, anchor, kappa=0.1, lam=0.3, generator=g1)
+        mirror_descent_step(untracked, anchor, kappa=0.1, lam=0.3, generator=g2)
+    assert untracked.first_step is None
+    assert torch.equal(tracked.z, untracked.z) and torch.equal(tracked.anchor_mean, untracked.anchor_mean)
+    assert torch.equal(tracked.gamma, untracked.gamma) and tracked.steps == untracked.steps
+    md.all_reduce_state(untracked)  # no process group: a no-op, also without first_step
+
+
 def test_anchor_mean_is_arithmetic_mean_of_anchors():
     anchors = [torch.full((2, 3), float(v)) for v in (1, 2, 3, 4, 10)]
     state = SaliencyState.zeros((2, 3), "cpu")

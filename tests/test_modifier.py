@@ -69,6 +69,8 @@ def test_string_target_is_one_pattern():
         ({"sparsity": 0.5, "reconstruct": "obs"}, "reconstruct"),
         ({"sparsity": 0.5, "damping": -0.1}, "damping"),
         ({"sparsity": 0.5, "reconstruct_iterations": 0}, "reconstruct_iterations"),
+        ({"sparsity": 0.5, "reconstruct_tolerance": 0}, "reconstruct_tolerance"),
+        ({"sparsity": 0.5, "reconstruct_tolerance": 1.0}, "reconstruct_tolerance"),
     ],
 )
 def test_bad_fields_are_rejected_with_the_field_named(fields, message):
@@ -101,3 +103,18 @@ def test_recipe_comments_match_fields():
     for path in (REPO / "recipes").glob("*.yaml"):
         fields = yaml.safe_load(path.read_text())["sparsity_stage"]["sparsity_modifiers"]["UniPruningModifier"]
         assert set(fields) <= set(UniPruningModifier.model_fields), path.name
+
+
+@pytest.mark.parametrize(
+    "fields, tracked",
+    [
+        ({"sparsity": 0.5}, False),
+        ({"mask_structure": "2:4"}, False),
+        ({"mask_structure": "2:4", "nm_order": "first_step"}, True),
+        ({"sparsity": 0.5, "nm_order": "first_step"}, False),  # unstructured masks rank by Gamma
+        ({"sparsity": 0.5, "calibration_inputs": "dense"}, True),  # the saliency record keeps it
+        ({"sparsity": 0.5, "save_saliency": "s.safetensors"}, True),
+    ],
+)
+def test_first_step_is_tracked_only_where_used(fields, tracked):
+    assert UniPruningModifier(**fields)._tracks_first_step is tracked

@@ -121,11 +121,20 @@ def test_default_exponents():
 # --------------------------------------------------------------------------- normalise
 
 
-def test_normalise_gives_unit_mean_abs():
-    score = torch.randn(17, 23, generator=_gen(0)) * 37.0
+def test_normalise_gives_unit_mean():
+    score = torch.rand(17, 23, generator=_gen(0)) * 37.0  # every metric's score is >= 0
     out = saliency.normalise(score)
     assert out is score  # in place
-    assert math.isclose(float(out.abs().mean()), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(out.mean()), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["wanda", "ria", "stochastic_ria"])
+def test_scores_are_non_negative(metric):
+    """normalise divides by the plain mean, which is mean |S| only because no score is negative."""
+    weight = torch.randn(16, 32, generator=_gen(1))
+    energy = torch.rand(32, generator=_gen(2))
+    score = saliency.local_saliency(metric, weight, energy, generator=_gen(3))
+    assert bool((score >= 0).all())
 
 
 def test_normalise_keeps_zeros():

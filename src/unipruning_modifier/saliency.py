@@ -54,7 +54,7 @@ def ria_score(
     if row_sums is None:
         row_sums = abs_weight.sum(dim=1)
     relative = abs_weight / column_sums.clamp_min(_TINY).unsqueeze(0)
-    relative += abs_weight / row_sums.clamp_min(_TINY).unsqueeze(1)
+    relative.addcdiv_(abs_weight, row_sums.clamp_min(_TINY).unsqueeze(1))
     return relative.mul_(energy.clamp_min(0).pow(exponent).unsqueeze(0))
 
 
@@ -81,8 +81,8 @@ def stochastic_ria_score(
 
 
 def normalise(score: torch.Tensor) -> torch.Tensor:
-    """Scale a score tensor in place to mean |S| = 1 (all-zero scores stay zero)."""
-    return score.div_(score.abs().mean().clamp_min(_TINY))  # no host sync on accelerators
+    """Scale a non-negative score tensor (every metric's) in place to mean 1 (all-zero stays zero)."""
+    return score.div_(score.mean().clamp_min(_TINY))  # no host sync on accelerators
 
 
 def local_saliency(
