@@ -16,6 +16,8 @@ from pathlib import Path
 
 def series_name(row: dict) -> str:
     extra = row.get("extra") or {}
+    if row["method"] == "unipruning" and row.get("label") == "prototype":
+        return "issue 6 prototype (averaged anchor + least squares)"
     if row["method"] == "unipruning":
         return "UniPruning + least squares" if extra.get("reconstruct") == "least_squares" else "UniPruning (mask only)"
     return {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude"}.get(row["method"], row["method"])
