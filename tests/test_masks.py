@@ -393,3 +393,29 @@ def test_top_mask_1d_equals_the_stable_sort(levels, nkeys):
     keys = [torch.randint(0, levels, (5000,), generator=gen).float() for _ in range(nkeys)]
     for keep in (0, 1, 777, 2500, 4999, 5000):
         assert torch.equal(top_mask_1d(keys, keep), _keep_first(keys, keep)), keep
+
+
+# --------------------------------------------------------------------------- OWL allocation
+def test_owl_sparsity_gives_layers_with_more_outliers_a_lower_sparsity():
+    g = torch.Generator().manual_seed(0)
+    anchors, groups = {}, {}
+    for block, outliers in enumerate((0.0, 0.01, 0.04)):
+        for part in ("q", "down"):
+            values = torch.rand(32, 64, generator=g)
+            values.view(-1)[: int(outliers * values.numel())] = 50.0  # far above 5x the mean
+            anchors[f"layers.{block}.{part}"] = values
+            groups[f"layers.{block}.{part}"] = f"layers.{block}"
+    sparsity = masks.owl_sparsity(anchors, groups, 0.7, lam=0.08, threshold=5.0)
+    per_block = [sparsity[f"layers.{b}.q"] for b in range(3)]
+    assert all(sparsity[f"layers.{b}.q"] == sparsity[f"layers.{b}.down"] for b in range(3))
+    assert per_block[0] > per_block[1] > per_block[2]  # more outliers, fewer weights pruned
+    assert per_block[0] - per_block[2] == pytest.approx(0.16)
+    assert sum(per_block) / 3 == pytest.approx(0.7)
+
+
+def test_owl_sparsity_without_outlier_differences_is_uniform_and_checks_bounds():
+    anchors = {"a": torch.ones(4, 4), "b": torch.ones(4, 4)}
+    assert masks.owl_sparsity(anchors, {"a": "0", "b": "1"}, 0.5) == {"a": 0.5, "b": 0.5}
+    skewed = {"a": torch.ones(4, 4), "b": torch.tensor([100.0] + [1.0] * 15).view(4, 4)}
+    with pytest.raises(ValueError, match="owl lambda 0.5"):
+        masks.owl_sparsity(skewed, {"a": "0", "b": "1"}, 0.9, lam=0.5)

@@ -70,6 +70,9 @@ def test_string_target_is_one_pattern():
         ({"sparsity": 0.5, "damping": -0.1}, "damping"),
         ({"sparsity": 0.5, "reconstruct_iterations": 0}, "reconstruct_iterations"),
         ({"sparsity": 0.5, "reconstruct_tolerance": 0}, "reconstruct_tolerance"),
+        ({"sparsity": [0.5, 0.5], "allocation": "owl"}, "takes one sparsity"),
+        ({"sparsity": 0.5, "allocation": "owl", "owl_lambda": 1.0}, "owl_lambda"),
+        ({"mask_structure": "2:4", "allocation": "owl"}, "unstructured masks only"),
         ({"sparsity": 0.5, "reconstruct_tolerance": 1.0}, "reconstruct_tolerance"),
     ],
 )

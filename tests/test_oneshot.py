@@ -111,6 +111,21 @@ def test_global_allocation_hits_total_and_respects_clamp(tiny_model_path, calibr
     assert_only_masked(model, before, targets, kept_unchanged=reconstruct == "none")
 
 
+def test_owl_allocation_varies_per_decoder_layer_and_keeps_the_mean(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(sparsity=0.6, allocation="owl", owl_lambda=0.1, owl_threshold=3.0)
+    model, before = prune(tiny_model_path, recipe, calibration, tokenizer)
+    weights = linear_weights(model)
+    per_block = {}
+    for name in target_names(model):
+        block = name.split(".mlp.")[0].split(".self_attn.")[0]
+        per_block.setdefault(block, set()).add(round(float((weights[name] == 0).float().mean()), 2))
+    assert all(len(values) == 1 for values in per_block.values())  # one sparsity per decoder layer
+    sparsities = [next(iter(v)) for v in per_block.values()]
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.2, abs=0.02)  # spans 2 * owl_lambda
+    assert sum(sparsities) / len(sparsities) == pytest.approx(0.6, abs=0.01)
+    assert_only_masked(model, before, target_names(model), kept_unchanged=True)
+
+
 def test_same_seed_same_mask_other_seed_other_mask(tiny_model_path, calibration, tokenizer):
     masks = []
     for seed in (0, 0, 1):

@@ -19,6 +19,7 @@ SETTINGS = {
     "0.7": {"sparsity": 0.7},
     "row-0.5": {"sparsity": 0.5, "allocation": "row"},
     "global-0.6": {"sparsity": 0.6, "allocation": "global"},
+    "owl-0.7": {"sparsity": 0.7, "allocation": "owl", "owl_threshold": 3.0},
     "2:4": {"mask_structure": "2:4"},
     "2:4-first_step": {"mask_structure": "2:4", "nm_order": "first_step"},
     "4:8": {"mask_structure": "4:8"},

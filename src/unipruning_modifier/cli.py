@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--saliency", required=True, metavar="FILE", help="file written by `prune --save-saliency`")
     extract.add_argument("--sparsity", type=float, help="fraction pruned per layer (unstructured)")
     extract.add_argument("--mask-structure", default="0:0", help="unstructured (0:0, default) or N:M, e.g. 2:4")
-    extract.add_argument("--allocation", choices=("layer", "row", "global"), default="layer", help="unstructured budget")
+    extract.add_argument("--allocation", choices=("layer", "row", "global", "owl"), default="layer", help="unstructured budget")
     extract.add_argument("--clamp", type=float, default=0.1, help="per-layer deviation allowed by --allocation global")
+    extract.add_argument("--owl-lambda", type=float, default=0.08, help="per-decoder-layer sparsity range under --allocation owl")
     extract.add_argument("--nm-order", choices=("gamma", "first_step"), default="gamma", help="N:M ranking")
     extract.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
     extract.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -349,6 +350,7 @@ def extract(args: argparse.Namespace) -> dict:
         "mask_structure": args.mask_structure,
         "allocation": args.allocation,
         "clamp": args.clamp,
+        "owl_lambda": args.owl_lambda,
         "nm_order": args.nm_order,
         "targets": calibration["targets"],
         "ignore": calibration["ignore"],

@@ -193,3 +193,35 @@ def global_allocation(
         keep[i] -= give
         excess -= give
     return {n: int(k) for n, k in zip(names, keep)}
+
+
+def owl_sparsity(
+    anchors: Mapping[str, torch.Tensor],
+    groups: Mapping[str, str],
+    sparsity: float,
+    lam: float = 0.08,
+    threshold: float = 5.0,
+) -> dict[str, float]:
+    """Outlier-weighted layer sparsities (OWL, Yin et al. 2024) from the mean anchors.
+
+    For every group (a decoder layer) the outlier ratio is the share of its weights whose mean
+    anchor exceeds ``threshold`` times the group's mean anchor. The ratios are mapped linearly
+    onto kept fractions spanning 2·``lam``, centred so that the mean over groups is 1 - p:
+    groups with more outliers keep more. Every layer of a group gets the group's sparsity.
+    """
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"owl lambda must be in [0, 1), got {lam}")
+    names = list(anchors)
+    order = list(dict.fromkeys(groups[n] for n in names))
+    ratios = []
+    for group in order:
+        values = torch.cat([anchors[n].reshape(-1).float() for n in names if groups[n] == group])
+        ratios.append(float((values > threshold * values.mean()).float().mean()))
+    ratio = torch.tensor(ratios, dtype=torch.float64)
+    spread = float(ratio.max() - ratio.min())
+    kept = (ratio - ratio.min()) * (2 * lam / spread) if spread > 0 else torch.zeros_like(ratio)
+    kept = kept - kept.mean() + (1.0 - sparsity)
+    if float(kept.min()) <= 0.0 or float(kept.max()) > 1.0:
+        raise ValueError(f"owl lambda {lam} pushes a layer's sparsity outside [0, 1) at sparsity {sparsity}")
+    per_group = {group: 1.0 - float(k) for group, k in zip(order, kept)}
+    return {n: per_group[groups[n]] for n in names}

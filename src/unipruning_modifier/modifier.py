@@ -26,7 +26,15 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from transformers import PreTrainedModel
 
 from .checkpoint.io import enable_sparse_save
-from .masks import global_allocation, nm_mask, parse_mask_structure, row_mask, saliency_keys, unstructured_mask
+from .masks import (
+    global_allocation,
+    nm_mask,
+    owl_sparsity,
+    parse_mask_structure,
+    row_mask,
+    saliency_keys,
+    unstructured_mask,
+)
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
 from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
@@ -65,9 +73,13 @@ class UniPruningModifier(Modifier):
     :param lam: quantile of |z| used as the soft threshold (elastic-net strength).
     :param beta: fraction of a row/column summed by ``stochastic_ria``.
     :param exponent: activation exponent a of the metric (None: 0.35 stochastic_ria, 0.5 else).
-    :param allocation: unstructured budget "layer", "row" or "global" (one threshold over all
-        target layers, each clamped to sparsity +/- ``clamp``).
+    :param allocation: unstructured budget "layer", "row", "global" (one threshold over all
+        target layers, each clamped to sparsity +/- ``clamp``) or "owl" (outlier-weighted: decoder
+        layers whose saliency has more outliers keep more, within sparsity +/- ``owl_lambda``).
     :param clamp: largest deviation of a layer's sparsity from the target under "global".
+    :param owl_lambda: half-width of the per-decoder-layer sparsity range under "owl".
+    :param owl_threshold: a weight is an outlier under "owl" when its mean anchor exceeds this
+        multiple of its decoder layer's mean.
     :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
@@ -101,8 +113,10 @@ class UniPruningModifier(Modifier):
     lam: float = Field(default=0.001, ge=0, lt=1)
     beta: float = Field(default=0.2, gt=0, le=1)
     exponent: float | None = Field(default=None, ge=0)
-    allocation: Literal["layer", "row", "global"] = "layer"
+    allocation: Literal["layer", "row", "global", "owl"] = "layer"
     clamp: float = Field(default=0.1, ge=0, le=1)
+    owl_lambda: float = Field(default=0.08, ge=0, lt=1)
+    owl_threshold: float = Field(default=5.0, gt=0)
     nm_order: Literal["gamma", "first_step"] = "gamma"
     seed: int = 0
     reconstruct: Literal["none", "least_squares"] = "none"
@@ -119,6 +133,7 @@ class UniPruningModifier(Modifier):
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
+    _groups: dict[str, str] = PrivateAttr(default_factory=dict)
     _states: dict[str, SaliencyState] = PrivateAttr(default_factory=dict)
     _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
     _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
@@ -162,8 +177,8 @@ class UniPruningModifier(Modifier):
                 )
         elif self.sparsity is None:
             raise ValueError("sparsity is required for unstructured masks (a float in [0, 1) or a per-layer list)")
-        if isinstance(self.sparsity, list) and self.allocation == "global":
-            raise ValueError("allocation 'global' takes one sparsity, not a per-layer list")
+        if isinstance(self.sparsity, list) and self.allocation in ("global", "owl"):
+            raise ValueError(f"allocation {self.allocation!r} takes one sparsity, not a per-layer list")
         return self
 
     @model_validator(mode="after")
@@ -228,6 +243,7 @@ class UniPruningModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
+        self._groups = self._decoder_layers(state.model, targets, kwargs.get("sequential_targets"))
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
         if self.save_saliency:
@@ -240,6 +256,12 @@ class UniPruningModifier(Modifier):
             self._mask_from_records(records)
         return True
 
+    @staticmethod
+    def _decoder_layers(model, targets, sequential_targets) -> dict[str, str]:
+        """Target name -> the decoder layer (sequential target) holding it; itself if none does."""
+        layers = [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        return {name: next((layer for layer in layers if name.startswith(layer + ".")), name) for name in targets}
+
     def _sparsity_per_module(self, model, targets, sequential_targets) -> dict[str, float]:
         if self._m:
             return {name: 1.0 - self._n / self._m for name in targets}
@@ -251,12 +273,12 @@ class UniPruningModifier(Modifier):
                 f"UniPruningModifier: sparsity has {len(self.sparsity)} values but the model has "
                 f"{len(layers)} decoder layers"
             )
+        index = {layer: i for i, layer in enumerate(layers)}
         result = {}
-        for name in targets:
-            index = next((i for i, layer in enumerate(layers) if name.startswith(layer + ".")), None)
-            if index is None:
+        for name, layer in self._decoder_layers(model, targets, sequential_targets).items():
+            if layer not in index:
                 raise ValueError(f"UniPruningModifier: {name} is in no decoder layer, so a per-layer sparsity list cannot cover it")
-            result[name] = float(self.sparsity[index])
+            result[name] = float(self.sparsity[index[layer]])
         return result
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -305,7 +327,7 @@ class UniPruningModifier(Modifier):
             all_reduce_state(saliency)
             if name in self._grams:
                 self._grams[name] = all_reduce_gram(*self._grams[name])
-            deferred = self.calibration_inputs == "dense" or self.allocation == "global"
+            deferred = self.calibration_inputs == "dense" or self._needs_all_layers
             if deferred and name in self._grams:
                 gram, count = self._grams[name]
                 self._grams[name] = (gram.cpu(), count)
@@ -314,7 +336,7 @@ class UniPruningModifier(Modifier):
                 self._records[name] = record.to("cpu", DTYPES[self.saliency_dtype])
                 continue
             keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self._order)
-            if self.allocation == "global":
+            if self._needs_all_layers:
                 self._deferred[name] = [k.to("cpu", torch.bfloat16) for k in keys]
                 continue
             self._apply_mask(name, self._layer_mask(name, keys), saliency.steps)
@@ -339,7 +361,7 @@ class UniPruningModifier(Modifier):
     def _mask_from_records(self, records: dict[str, LayerSaliency]) -> None:
         """Mask every layer from its (stored or just calibrated) saliency: the one path shared by
         ``calibration_inputs: dense`` and ``load_saliency``, so both give the same masks."""
-        if self.allocation == "global":
+        if self._needs_all_layers:
             self._deferred = {n: [k.to("cpu", torch.bfloat16) for k in r.keys(self._order)] for n, r in records.items()}
             self._apply_global_budget()
             return
@@ -359,10 +381,23 @@ class UniPruningModifier(Modifier):
         save_saliency(self.save_saliency, self._records, metadata, self.saliency_dtype)
         logger.info(f"UniPruning: saliency of {len(self._records)} layers written to {self.save_saliency}")
 
+    @property
+    def _needs_all_layers(self) -> bool:
+        """The "global" and "owl" budgets need every layer's saliency before any mask."""
+        return self.allocation in ("global", "owl")
+
     def _apply_global_budget(self) -> None:
-        keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
-        for name, keys in self._deferred.items():
-            self._apply_mask(name, unstructured_mask([k.float() for k in keys], keep=keep[name]), None)
+        """Masks for "global" (one threshold on |Gamma|) or "owl" (per-decoder-layer sparsity
+        from the outlier ratio of the mean anchors, the second ranking key)."""
+        if self.allocation == "owl":
+            anchors = {n: keys[1] for n, keys in self._deferred.items()}
+            sparsity = owl_sparsity(anchors, self._groups, float(self.sparsity), self.owl_lambda, self.owl_threshold)
+            masks = {n: unstructured_mask([k.float() for k in keys], sparsity[n]) for n, keys in self._deferred.items()}
+        else:
+            keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
+            masks = {n: unstructured_mask([k.float() for k in keys], keep=keep[n]) for n, keys in self._deferred.items()}
+        for name, mask in masks.items():
+            self._apply_mask(name, mask, None)
         self._deferred = {}
 
     def _apply_mask(self, name: str, mask: torch.Tensor, steps: int | None) -> None:
