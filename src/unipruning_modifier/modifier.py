@@ -75,9 +75,9 @@ class UniPruningModifier(Modifier):
     :param exponent: activation exponent a of the metric (None: 0.35 stochastic_ria, 0.5 else).
     :param allocation: unstructured budget "layer", "row", "global" (one threshold over all
         target layers, each clamped to sparsity +/- ``clamp``) or "owl" (outlier-weighted: decoder
-        layers whose saliency has more outliers keep more, within sparsity +/- ``owl_lambda``).
+        layers whose saliency has more outliers keep more; the mean over layers is ``sparsity``).
     :param clamp: largest deviation of a layer's sparsity from the target under "global".
-    :param owl_lambda: half-width of the per-decoder-layer sparsity range under "owl".
+    :param owl_lambda: under "owl", the decoder-layer sparsities span 2 * owl_lambda (max - min).
     :param owl_threshold: a weight is an outlier under "owl" when its mean anchor exceeds this
         multiple of its decoder layer's mean.
     :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
