@@ -208,17 +208,26 @@ def select(device_flag):
         raise UsageError(f"--device: {error}") from error
 
 
+def load_dtypes(model_id: str, args: argparse.Namespace, device):
+    """(dtype to save in, dtype to compute in): ``--dtype``, or for auto the checkpoint's own,
+    computed in fp32 on the CPU."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    saved_dtype = checkpoint_dtype(config) if args.dtype == "auto" else getattr(torch, args.dtype)
+    compute_dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else saved_dtype
+    return saved_dtype, compute_dtype
+
+
 def load_model(model_id: str, args: argparse.Namespace, device):
     """(model, tokenizer, dtype to save in): fp32 compute on the CPU for ``--dtype auto``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading {model_id} on {device}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-        saved_dtype = checkpoint_dtype(config) if args.dtype == "auto" else getattr(torch, args.dtype)
-        compute_dtype = torch.float32 if args.dtype == "auto" and device.type == "cpu" else saved_dtype
+        saved_dtype, compute_dtype = load_dtypes(model_id, args, device)
         model = AutoModelForCausalLM.from_pretrained(
             model_id, dtype=compute_dtype, trust_remote_code=args.trust_remote_code
         ).to(device)
@@ -446,8 +455,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def load_for_eval(model_id: str, args: argparse.Namespace, device):
     """(model on ``device``, tokenizer, sparsity_config or None); sparse folders via load_sparse."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint.io import load_sparse, sparse_config_of
 
@@ -456,12 +464,7 @@ def load_for_eval(model_id: str, args: argparse.Namespace, device):
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
         local = Path(model_id).is_dir()
         sparse = sparse_config_of(model_id) if local else None
-        if args.dtype != "auto":
-            dtype = getattr(torch, args.dtype)
-        elif device.type == "cpu":
-            dtype = torch.float32
-        else:
-            dtype = checkpoint_dtype(AutoConfig.from_pretrained(model_id, trust_remote_code=args.trust_remote_code))
+        _, dtype = load_dtypes(model_id, args, device)
         if local:
             model = load_sparse(model_id, dtype=dtype, trust_remote_code=args.trust_remote_code)
         else:
