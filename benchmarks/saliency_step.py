@@ -22,12 +22,17 @@ from unipruning_modifier.mirror_descent import SaliencyState, mirror_descent_ste
 from unipruning_modifier.saliency import activation_energy, local_saliency
 
 
+def new_state(shape, device, track: bool) -> SaliencyState | None:
+    """A fresh state; None where this version cannot skip first_step (before track_first_step)."""
+    try:
+        return SaliencyState.zeros(shape, device, track_first_step=track)
+    except TypeError:
+        return SaliencyState.zeros(shape, device) if track else None
+
+
 def one_run(weight, energies, batches: int, track: bool, device) -> float:
     generator = torch.Generator().manual_seed(0)
-    try:
-        state = SaliencyState.zeros(weight.shape, device, track_first_step=track)
-    except TypeError:
-        state = SaliencyState.zeros(weight.shape, device)
+    state = new_state(weight.shape, device, track)
     synchronize(device)
     start = time.perf_counter()
     for b in range(batches):
@@ -51,11 +56,8 @@ def main(argv=None) -> int:
     weight = torch.randn(out_features, in_features, generator=generator).to(device)
     energies = [activation_energy(torch.randn(args.tokens, in_features, generator=generator).to(device)) for _ in range(4)]
     for track in (True, False):
-        try:
-            SaliencyState.zeros((1, 1), device, track_first_step=track)
-        except TypeError:  # a version from before track_first_step: it always tracks
-            if not track:
-                continue
+        if new_state((1, 1), device, track) is None:
+            continue
         one_run(weight, energies, 2, track, device)  # warm-up
         best = min(one_run(weight, energies, args.batches, track, device) for _ in range(args.repeats))
         print(json.dumps({"shape": [out_features, in_features], "track_first_step": track, "ms_per_batch": best,

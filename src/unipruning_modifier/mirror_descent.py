@@ -143,11 +143,9 @@ def all_reduce_state(state: SaliencyState) -> None:
     dist.all_reduce(threshold)
     state.threshold = threshold.reshape(()).float()
 
-    if state.first_step is None:
-        state.steps = int(total_steps)
-        return
-    never = torch.iinfo(torch.int32).max
-    first = torch.where(state.first_step < 0, torch.full_like(state.first_step, never), state.first_step)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    state.first_step.copy_(torch.where(first == never, torch.full_like(first, -1), first))
+    if state.first_step is not None:
+        never = torch.iinfo(torch.int32).max
+        first = torch.where(state.first_step < 0, torch.full_like(state.first_step, never), state.first_step)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        state.first_step.copy_(torch.where(first == never, torch.full_like(first, -1), first))
     state.steps = int(total_steps)

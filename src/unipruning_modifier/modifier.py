@@ -243,7 +243,7 @@ class UniPruningModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
-        self._groups = self._decoder_layers(state.model, targets, kwargs.get("sequential_targets"))
+        self._groups = self._layer_of(targets, self._decoder_layer_names(state.model, kwargs.get("sequential_targets")))
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
         if self.save_saliency:
@@ -257,9 +257,13 @@ class UniPruningModifier(Modifier):
         return True
 
     @staticmethod
-    def _decoder_layers(model, targets, sequential_targets) -> dict[str, str]:
-        """Target name -> the decoder layer (sequential target) holding it; itself if none does."""
-        layers = [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+    def _decoder_layer_names(model, sequential_targets) -> list[str]:
+        """Names of the decoder layers (sequential targets), in model order."""
+        return [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+
+    @staticmethod
+    def _layer_of(targets, layers: list[str]) -> dict[str, str]:
+        """Target name -> the decoder layer holding it; itself if none does."""
         return {name: next((layer for layer in layers if name.startswith(layer + ".")), name) for name in targets}
 
     def _sparsity_per_module(self, model, targets, sequential_targets) -> dict[str, float]:
@@ -267,7 +271,7 @@ class UniPruningModifier(Modifier):
             return {name: 1.0 - self._n / self._m for name in targets}
         if not isinstance(self.sparsity, list):
             return {name: float(self.sparsity) for name in targets}
-        layers = [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        layers = self._decoder_layer_names(model, sequential_targets)
         if len(layers) != len(self.sparsity):
             raise ValueError(
                 f"UniPruningModifier: sparsity has {len(self.sparsity)} values but the model has "
@@ -275,7 +279,7 @@ class UniPruningModifier(Modifier):
             )
         index = {layer: i for i, layer in enumerate(layers)}
         result = {}
-        for name, layer in self._decoder_layers(model, targets, sequential_targets).items():
+        for name, layer in self._layer_of(targets, layers).items():
             if layer not in index:
                 raise ValueError(f"UniPruningModifier: {name} is in no decoder layer, so a per-layer sparsity list cannot cover it")
             result[name] = float(self.sparsity[index[layer]])
@@ -344,7 +348,7 @@ class UniPruningModifier(Modifier):
     @property
     def _tracks_first_step(self) -> bool:
         """first_step is kept only where a mask (N:M "first_step" order) or a saliency record uses it."""
-        return self._order == "first_step" or self.calibration_inputs == "dense" or bool(self.save_saliency)
+        return self._order == "first_step" or self.calibration_inputs == "dense"  # save_saliency implies dense
 
     @property
     def _order(self) -> str:
@@ -435,4 +439,3 @@ class UniPruningModifier(Modifier):
                 f"pruned: {missed[:5]}{' ...' if len(missed) > 5 else ''}"
             )
         return True
-
