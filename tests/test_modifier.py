@@ -24,6 +24,7 @@ def test_shipped_recipes_parse(name):
     assert isinstance(modifier, UniPruningModifier)
     assert modifier.ignore == ["re:.*lm_head"]
     assert modifier.reconstruct == "least_squares"  # the benchmark's best row (docs/benchmarks.md)
+    assert modifier.dense_target == 0.3
 
 
 def test_yaml_string_recipe():
@@ -74,6 +75,12 @@ def test_string_target_is_one_pattern():
         ({"sparsity": 0.5, "allocation": "owl", "owl_lambda": 1.0}, "owl_lambda"),
         ({"mask_structure": "2:4", "allocation": "owl"}, "unstructured masks only"),
         ({"sparsity": 0.5, "reconstruct_tolerance": 1.0}, "reconstruct_tolerance"),
+        ({"sparsity": 0.5, "dense_target": 1.5}, "dense_target"),
+        ({"sparsity": 0.5, "dense_target": 0.3}, "needs reconstruct: least_squares"),
+        ({"sparsity": 0.5, "dense_target": 0.3, "reconstruct": "least_squares", "calibration_inputs": "dense"},
+         "got calibration_inputs 'dense'"),
+        ({"sparsity": 0.5, "dense_target": 0.3, "reconstruct": "least_squares", "allocation": "owl"},
+         "got allocation 'owl'"),
     ],
 )
 def test_bad_fields_are_rejected_with_the_field_named(fields, message):

@@ -73,3 +73,50 @@ def test_full_mask_returns_the_original_weights():
     gram, _ = accumulate_gram(x)
     fitted = least_squares(weight, gram, torch.ones_like(weight, dtype=torch.bool))
     torch.testing.assert_close(fitted, weight)
+
+
+def dense_and_drifted(seed=0):
+    """A layer's dense-model inputs D and the drifted inputs X the pruned earlier layers give."""
+    weight, dense = layer(seed=seed)
+    g = torch.Generator().manual_seed(seed + 11)
+    mixing = torch.eye(dense.shape[1]) + 0.1 * torch.randn(dense.shape[1], dense.shape[1], generator=g)
+    drifted = dense @ mixing + 0.1 * torch.randn(dense.shape, generator=g)  # mostly predictable drift
+    return weight, dense, drifted
+
+
+def test_cross_matrix_is_the_running_mean_of_paired_outer_products():
+    _, dense, drifted = dense_and_drifted()
+    cross, count = None, 0
+    for x, d in zip(drifted.split(256), dense.split(256)):
+        cross, count = accumulate_gram(x.reshape(2, 128, -1), cross, count, paired=d.reshape(2, 128, -1))
+    torch.testing.assert_close(cross, drifted.T @ dense / dense.shape[0], rtol=1e-4, atol=1e-3)
+
+
+def test_cross_equal_to_gram_is_the_plain_refit():
+    weight, x = layer()
+    gram, _ = accumulate_gram(x)
+    mask = unstructured_mask([torch.rand(weight.shape, generator=torch.Generator().manual_seed(3))], 0.5)
+    torch.testing.assert_close(
+        least_squares(weight, gram, mask, cross=gram.clone(), tolerance=1e-8, max_iterations=500),
+        least_squares(weight, gram, mask, tolerance=1e-8, max_iterations=500),
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_dense_target_refit_matches_exact_solve_and_beats_plain_refit_on_dense_outputs(structure):
+    weight, dense, drifted = dense_and_drifted()
+    gram, _ = accumulate_gram(drifted)
+    cross, _ = accumulate_gram(drifted, paired=dense)
+    scores = [torch.rand(weight.shape, generator=torch.Generator().manual_seed(5))]
+    mask = unstructured_mask(scores, 0.6) if structure == "unstructured" else nm_mask(scores, 2, 4)
+    fitted = least_squares(weight, gram, mask, cross=cross, max_iterations=500, tolerance=1e-10)
+    exact = exact_solve(weight, gram, mask, cross=cross)
+    assert torch.all(fitted[~mask] == 0)
+    torch.testing.assert_close(fitted.double(), exact, rtol=1e-3, atol=5e-4)  # weights ~1, fp32 CG
+
+    def dense_output_error(candidate):
+        return float(((dense @ weight.T - drifted @ candidate.T) ** 2).mean())
+
+    plain = least_squares(weight, gram, mask, max_iterations=500, tolerance=1e-10)
+    assert dense_output_error(fitted) < 0.8 * dense_output_error(plain)

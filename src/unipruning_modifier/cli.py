@@ -192,6 +192,7 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
     index = indices[0]
     fields = recipe.modifiers[index].model_dump(exclude_unset=True)
     fields.pop("calibration_inputs", None)
+    fields.pop("dense_target", None)  # every layer then calibrates on the dense model's activations anyway
     try:
         recipe.modifiers[index] = UniPruningModifier.model_validate({**fields, "save_saliency": path})
     except ValueError as error:

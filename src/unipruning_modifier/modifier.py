@@ -1,8 +1,9 @@
 """UniPruningModifier: recipe fields and llm-compressor lifecycle hooks.
 
-The math lives in saliency.py (anchors), mirror_descent.py (state and update) and masks.py
-(mask extraction); this class validates the recipe, hooks the target Linear layers, feeds
-each calibration batch to the mirror descent and applies the final masks.
+The math lives in saliency.py (anchors), mirror_descent.py (state and update), masks.py
+(mask extraction) and reconstruction.py (the optional re-fit); this class validates the recipe,
+hooks the target Linear layers (and, for ``dense_target``, the decoder layers that feed
+dense_stream.py), feeds each calibration batch to the mirror descent and applies the final masks.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from compressed_tensors.utils import (
 )
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.modifier import Modifier
+from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from transformers import PreTrainedModel
 
 from .checkpoint.io import enable_sparse_save
+from .dense_stream import DenseStream
 from .masks import (
     global_allocation,
     nm_mask,
@@ -89,6 +92,16 @@ class UniPruningModifier(Modifier):
     :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
     :param reconstruct_tolerance: the re-fit stops when every row's residual fell to this
         fraction of its start (3e-3 reaches the exact solve's error to 5 digits on uni-tiny-28m).
+    :param dense_target: weight a of the dense model's outputs in the re-fit's target. The re-fit
+        aims at (1 - a) * W0 X + a * W0 D, X the inputs the layer now gets from the pruned earlier
+        layers and D the same tokens' inputs in the dense model: 0 (default) re-fits the layer
+        to its own outputs, larger values also correct part of the error the earlier layers left.
+        Above 0 the modifier runs each decoder layer a second time per batch on the dense
+        model's activations, which it keeps beside the pipeline's (one layer's worth, on CPU),
+        and holds a second in x in matrix per layer. Needs reconstruct "least_squares", the
+        sequential pipeline with decoder layers as sequential targets (the default),
+        calibration_inputs "pruned" and allocation "layer" or "row" (otherwise nothing is
+        pruned before the end, so X = D).
     :param calibration_inputs: "pruned" (default): each decoder layer is masked as soon as it is
         calibrated, so later layers calibrate on pruned inputs; "dense": every layer calibrates
         on the dense model's activations and all masks are applied at the end of calibration,
@@ -123,6 +136,7 @@ class UniPruningModifier(Modifier):
     damping: float = Field(default=0.01, ge=0)
     reconstruct_iterations: int | None = Field(default=None, ge=1)
     reconstruct_tolerance: float = Field(default=3e-3, gt=0, lt=1)
+    dense_target: float = Field(default=0.0, ge=0, le=1)
     calibration_inputs: Literal["pruned", "dense"] = "pruned"
     save_saliency: str | None = None
     load_saliency: str | None = None
@@ -138,6 +152,12 @@ class UniPruningModifier(Modifier):
     _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
     _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     _grams: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
+    _crosses: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _decoder_layers: list[str] = PrivateAttr(default_factory=list)
+    _stream: DenseStream | None = PrivateAttr(default=None)
+    _layer_index: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    _dense_inputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _calibration_hooks: set = PrivateAttr(default_factory=set)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -179,6 +199,28 @@ class UniPruningModifier(Modifier):
             raise ValueError("sparsity is required for unstructured masks (a float in [0, 1) or a per-layer list)")
         if isinstance(self.sparsity, list) and self.allocation in ("global", "owl"):
             raise ValueError(f"allocation {self.allocation!r} takes one sparsity, not a per-layer list")
+        return self
+
+    @model_validator(mode="after")
+    def _check_dense_target(self) -> "UniPruningModifier":
+        if self.dense_target == 0:
+            return self
+        conflicts = {
+            "reconstruct": (self.reconstruct == "none", "needs reconstruct: least_squares"),
+            "calibration_inputs": (
+                self.calibration_inputs == "dense" or bool(self.save_saliency),
+                "needs calibration_inputs: pruned (with dense inputs, or save_saliency, every layer already "
+                "sees the dense model's activations)",
+            ),
+            "allocation": (
+                self.allocation in ("global", "owl"),
+                f"needs allocation 'layer' or 'row' ({self.allocation!r} masks every layer at the end, so "
+                "the dense model's activations are the ones calibrated on)",
+            ),
+        }
+        for field, (conflict, message) in conflicts.items():
+            if conflict:
+                raise ValueError(f"dense_target {self.dense_target} {message}; got {field} {getattr(self, field)!r}")
         return self
 
     @model_validator(mode="after")
@@ -243,7 +285,8 @@ class UniPruningModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
-        self._groups = self._layer_of(targets, self._decoder_layer_names(state.model, kwargs.get("sequential_targets")))
+        self._decoder_layers = self._decoder_layer_names(state.model, kwargs.get("sequential_targets"))
+        self._groups = self._layer_of(targets, self._decoder_layers)
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
         if self.save_saliency:
@@ -286,13 +329,28 @@ class UniPruningModifier(Modifier):
         return result
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        for module in self._names:
-            self.register_hook(module, self._calibrate, "forward")
+        self._calibration_hooks = {self.register_hook(module, self._calibrate, "forward") for module in self._names}
+        if self.dense_target > 0:
+            self._stream = DenseStream(len(self._decoder_layers))
+            modules = dict(state.model.named_modules())
+            self._layer_index = {modules[name]: i for i, name in enumerate(self._decoder_layers)}
+            for layer in self._layer_index:
+                self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
+
+    def _run_dense(self, module: torch.nn.Module, args, kwargs):
+        """Forward pre-hook of a decoder layer: the same batch through the dense model first; only
+        this modifier's Linear hooks run meanwhile (they keep the dense inputs)."""
+        with HooksMixin.disable_hooks(keep=self._calibration_hooks):
+            self._stream.run(self._layer_index[module], module, args, kwargs)
 
     def _calibrate(self, module: torch.nn.Module, args, _output):
-        """Forward hook: one mirror-descent step of this layer on this batch."""
+        """Forward hook: one mirror-descent step of this layer on this batch (during the dense
+        stream's run: only keep the dense input for the re-fit)."""
         name = self._names[module]
         inputs = args[0]
+        if self._stream is not None and self._stream.running:
+            self._dense_inputs[name] = inputs
+            return
         if name not in self._states:
             self._states[name] = SaliencyState.zeros(module.weight.shape, inputs.device, self._tracks_first_step)
             self._generators[name] = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
@@ -307,7 +365,11 @@ class UniPruningModifier(Modifier):
         )
         mirror_descent_step(self._states[name], anchor, self.kappa, self.lam, generator)
         if self.reconstruct != "none":
-            self._grams[name] = accumulate_gram(inputs, *self._grams.get(name, (None, 0)))
+            gram, count = self._grams.get(name, (None, 0))
+            dense = self._dense_inputs.pop(name, None)
+            if dense is not None:
+                self._crosses[name], _ = accumulate_gram(inputs, self._crosses.get(name), count, paired=dense)
+            self._grams[name] = accumulate_gram(inputs, gram, count)
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
@@ -322,6 +384,7 @@ class UniPruningModifier(Modifier):
         if self._deferred:
             self._apply_global_budget()
         self.remove_hooks()
+        self._stream = None
 
     def _finish_calibrated_layers(self) -> None:
         """Reduce across ranks, then mask each calibrated layer (or keep its keys for "global")."""
@@ -329,6 +392,8 @@ class UniPruningModifier(Modifier):
             saliency = self._states.pop(name)
             self._generators.pop(name)
             all_reduce_state(saliency)
+            if name in self._crosses:
+                self._crosses[name], _ = all_reduce_gram(self._crosses[name], self._grams[name][1])
             if name in self._grams:
                 self._grams[name] = all_reduce_gram(*self._grams[name])
             deferred = self.calibration_inputs == "dense" or self._needs_all_layers
@@ -408,6 +473,9 @@ class UniPruningModifier(Modifier):
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
         ``reconstruct`` re-fits them to the layer's calibration outputs."""
         gram, _ = self._grams.pop(name, (None, 0))
+        cross = self._crosses.pop(name, None)
+        if gram is not None and cross is None and self.dense_target > 0:
+            logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
         module = self._modules[name]
         with torch.no_grad(), align_module_device(module):
             weight = module.weight
@@ -417,7 +485,8 @@ class UniPruningModifier(Modifier):
             else:
                 iterations = self.reconstruct_iterations or default_iterations(weight.shape[1])
                 fitted = least_squares(
-                    weight, gram.to(weight.device), mask, self.damping, iterations, self.reconstruct_tolerance
+                    weight, gram.to(weight.device), mask, self.damping, iterations, self.reconstruct_tolerance,
+                    cross=None if cross is None else torch.lerp(gram, cross, self.dense_target).to(weight.device),
                 )
                 pruned = fitted.to(weight.dtype).masked_fill(~mask, 0)
         update_offload_parameter(module, "weight", pruned)
@@ -433,6 +502,7 @@ class UniPruningModifier(Modifier):
             enable_sparse_save(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
+        self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "

@@ -6,6 +6,11 @@ find W supported on the mask that minimises ||(W0 - W) X^T||^2, i.e. for every r
     W_r,K = argmin (w - W0_r) H (w - W0_r)^T  with w_P = 0,
     H_KK w_K = H_K: W0_r^T     (K kept, P pruned inputs of that row).
 
+With the dense model's inputs D of the same tokens (the modifier's ``dense_target``) the target
+is the dense model's output W0 D^T instead: minimise ||W0 D^T - W X^T||^2, whose normal
+equations take the cross matrix C = X^T D on the right, H_KK w_K = C_K: W0_r^T. When D = X this
+is the problem above; the modifier blends the two targets (C -> H + a (C - H)).
+
 All rows are solved at once by conjugate gradients on the mask-restricted operator
 w -> mask * (w H): each iteration is one (out x in) @ (in x in) product, so the cost is
 O(iterations * out * in^2), one Gram matrix in memory, and no per-row factorisation (the exact
@@ -21,14 +26,21 @@ import torch
 import torch.distributed as dist
 
 
-def accumulate_gram(inputs: torch.Tensor, gram: torch.Tensor | None = None, count: int = 0) -> tuple[torch.Tensor, int]:
-    """Running mean of x x^T over tokens: returns (H, tokens seen). H is fp32 [in, in]."""
+def accumulate_gram(
+    inputs: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    count: int = 0,
+    paired: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Running mean of x y^T over tokens, y = ``paired`` (the same tokens' dense inputs) or x:
+    returns (H or C, tokens seen), fp32 [in, in]."""
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
+    other = flat if paired is None else paired.reshape(flat.shape).to(flat.device, torch.float32)
     tokens = flat.shape[0]
     if gram is None:
         gram = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
     total = count + tokens
-    gram.mul_(count / total).addmm_(flat.T, flat, alpha=1.0 / total)
+    gram.mul_(count / total).addmm_(flat.T, other, alpha=1.0 / total)
     return gram, total
 
 
@@ -45,12 +57,23 @@ def all_reduce_gram(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
 
 def dampen(gram: torch.Tensor, fraction: float) -> torch.Tensor:
     """H + fraction * mean(diag H) * I (a copy); dead inputs (zero diagonal) get a unit diagonal."""
-    damped = gram.clone()
-    diagonal = damped.diagonal()
-    dead = diagonal == 0
+    return _add_to_diagonal(gram, gram, fraction)
+
+
+def dampen_cross(gram: torch.Tensor, cross: torch.Tensor, fraction: float) -> torch.Tensor:
+    """C plus the same diagonal ``dampen`` adds to H (a copy), so that the re-fit's ridge still
+    pulls towards the original weights when the target is the dense model's output."""
+    return _add_to_diagonal(cross, gram, fraction)
+
+
+def _add_to_diagonal(matrix: torch.Tensor, gram: torch.Tensor, fraction: float) -> torch.Tensor:
+    dead = gram.diagonal() == 0
+    shift = fraction * torch.where(dead, torch.ones_like(gram.diagonal()), gram.diagonal()).mean()
+    result = matrix.clone()
+    diagonal = result.diagonal()
     diagonal[dead] = 1.0
-    diagonal.add_(fraction * diagonal.mean())
-    return damped
+    diagonal.add_(shift)
+    return result
 
 
 def least_squares(
@@ -60,20 +83,27 @@ def least_squares(
     damping: float = 0.01,
     max_iterations: int = 200,
     tolerance: float = 1e-6,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Kept weights re-fitted to the layer's calibration outputs; pruned ones exactly 0.
+    """Kept weights re-fitted to the layer's calibration outputs (or to the dense model's, given
+    the ``cross`` matrix C = X^T D); pruned ones exactly 0.
 
-    Conjugate gradients per row (all rows in parallel) on H_KK w_K = (W0 H)_K, started from the
-    masked original weights, with a Jacobi preconditioner; stops when every row's residual
-    norm fell below ``tolerance`` times its initial norm. Returns fp32.
+    Conjugate gradients per row (all rows in parallel) on H_KK w_K = (W0 C^T)_K (C = H by
+    default), started from the masked original weights, with a Jacobi preconditioner; stops
+    when every row's residual norm fell below ``tolerance`` times its initial norm. Returns fp32.
     """
     w0 = weight.float()
     keep = mask.to(w0.device, torch.float32)
-    hessian = dampen(gram.to(w0.device, torch.float32), damping)
+    gram = gram.to(w0.device, torch.float32)
+    hessian = dampen(gram, damping)
     inverse_diagonal = 1.0 / hessian.diagonal()
 
     solution = w0 * keep
-    residual = ((w0 - solution) @ hessian) * keep  # = (b - A x0) restricted to the mask
+    if cross is None:
+        residual = ((w0 - solution) @ hessian) * keep  # = (b - A x0) restricted to the mask
+    else:
+        target = dampen_cross(gram, cross.to(w0.device, torch.float32), damping)
+        residual = (w0 @ target.T - solution @ hessian) * keep
     preconditioned = residual * inverse_diagonal
     direction = preconditioned.clone()
     rz = (residual * preconditioned).sum(dim=1, keepdim=True)
@@ -93,16 +123,23 @@ def least_squares(
     return solution * keep
 
 
-def exact_solve(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+def exact_solve(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    damping: float = 0.01,
+    cross: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Row-by-row direct solve of the same problem (O(out * k^3)); for tests and small layers."""
     w0 = weight.double()
     hessian = dampen(gram.double(), damping)
+    target = hessian if cross is None else dampen_cross(gram.double(), cross.double(), damping)
     result = torch.zeros_like(w0)
     for row in range(w0.shape[0]):
         kept = mask[row].nonzero().squeeze(1)
         if kept.numel() == 0:
             continue
-        rhs = (w0[row] @ hessian)[kept]
+        rhs = (target @ w0[row])[kept]
         result[row, kept] = torch.linalg.solve(hessian[kept][:, kept], rhs)
     return result
 

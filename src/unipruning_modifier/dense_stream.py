@@ -1,0 +1,63 @@
+"""The dense model's activations, batch by batch, beside the sequential pipeline's pruned ones.
+
+llm-compressor's sequential pipeline feeds decoder layer l the outputs of the already pruned
+layers 0..l-1. For ``dense_target`` above 0 the re-fit of a layer also needs what its
+inputs would be in the dense model, so that it can aim at the dense model's outputs and so
+correct the error the earlier layers left. ``DenseStream`` keeps that second stream: when a
+decoder layer is about to run on batch b, it first runs the same layer, weights still dense, on
+the dense input of batch b (the pruned input for the first layer, where both are equal), lets
+the caller capture the dense inputs of the layer's Linear modules during that run, and keeps
+the dense output as the next layer's dense input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DenseStream:
+    """Dense hidden states per (decoder layer, batch), offloaded between layers."""
+
+    def __init__(self, layers: int, offload_device: torch.device | str = "cpu"):
+        self._count = layers
+        self._offload = torch.device(offload_device)
+        self._inputs: dict[int, dict[int, torch.Tensor]] = {}
+        self._batches: dict[int, int] = {}
+        self.running = False
+
+    def run(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the
+        batch whose pruned input is in ``args``/``kwargs``; ``running`` is True meanwhile."""
+        batch = self._batches.get(layer, 0)
+        self._batches[layer] = batch + 1
+        positional = len(args) > 0
+        pruned = args[0] if positional else kwargs["hidden_states"]
+        if layer == 0:
+            dense = pruned
+        else:
+            stored = self._inputs.get(layer, {}).pop(batch, None)
+            if stored is None:
+                raise RuntimeError(
+                    f"dense_target: no dense input for decoder layer {layer}, batch {batch}; "
+                    "the layers must be calibrated in order by the sequential pipeline, one decoder layer "
+                    "per subgraph (the default sequential targets)"
+                )
+            dense = stored.to(pruned.device)
+        if positional:
+            args = (dense, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": dense}
+        self.running = True
+        try:
+            output = module.forward(*args, **kwargs)
+        finally:
+            self.running = False
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if layer + 1 < self._count:
+            self._inputs.setdefault(layer + 1, {})[batch] = hidden.detach().to(self._offload)
+        if not self._inputs.get(layer, True):
+            del self._inputs[layer]
+
+    def clear(self) -> None:
+        self._inputs.clear()
+        self._batches.clear()

@@ -1,0 +1,98 @@
+"""dense_target: the re-fit aims (partly) at the dense model's outputs, from a second activation
+stream the modifier keeps beside the sequential pipeline's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unipruning_modifier import UniPruningModifier
+from unipruning_modifier import modifier as modifier_module
+from unipruning_modifier.dense_stream import DenseStream
+
+from .conftest import load, run_oneshot
+
+
+def dense_linear_inputs(model, calibration) -> dict[str, list[torch.Tensor]]:
+    """Every Linear's input in the (unpruned) model, per calibration sample in order."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, []).append(args[0].detach().clone()))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        for sample in calibration:
+            model(
+                input_ids=torch.tensor([sample["input_ids"]]),
+                attention_mask=torch.tensor([sample["attention_mask"]]),
+            )
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_dense_stream_gives_each_layer_the_dense_models_inputs(tiny_model_path, calibration, tokenizer, monkeypatch):
+    expected = dense_linear_inputs(load(tiny_model_path), calibration)
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    accumulate = modifier_module.accumulate_gram
+
+    def recording(inputs, gram=None, count=0, paired=None):
+        if paired is not None:
+            seen.setdefault(recording.name, []).append((inputs.detach().clone(), paired.detach().clone()))
+        return accumulate(inputs, gram, count, paired)
+
+    calibrate = UniPruningModifier._calibrate
+
+    def calibrate_named(self, module, args, output):
+        recording.name = self._names[module]
+        return calibrate(self, module, args, output)
+
+    monkeypatch.setattr(modifier_module, "accumulate_gram", recording)
+    monkeypatch.setattr(UniPruningModifier, "_calibrate", calibrate_named)
+    recipe = UniPruningModifier(sparsity=0.6, ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=0.5)
+    run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+
+    assert set(seen) == {name for name in expected if name.startswith("model.layers.")}
+    for name, pairs in seen.items():
+        assert len(pairs) == len(calibration), name
+        for batch, (pruned, dense) in enumerate(pairs):
+            torch.testing.assert_close(dense, expected[name][batch], rtol=1e-4, atol=1e-5, msg=f"{name} batch {batch}")
+            if name.startswith("model.layers.0."):
+                assert torch.equal(pruned, dense), name  # nothing before the first layer is pruned
+            else:
+                assert not torch.allclose(pruned, dense, atol=1e-3), name  # layer 0 is pruned by then
+
+
+def test_dense_target_changes_only_the_refit(tiny_model_path, calibration, tokenizer):
+    weights = {}
+    for target in (0.0, 1.0):
+        recipe = UniPruningModifier(
+            sparsity=0.6, ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=target,
+            reconstruct_tolerance=1e-7, reconstruct_iterations=1000,  # compare solutions, not stopping points
+        )
+        model = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+        weights[target] = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}
+    for name, weight in weights[0.0].items():
+        other = weights[1.0][name]
+        assert abs((other == 0).float().mean().item() - 0.6) < 1e-2, name
+        if name.startswith("model.layers.0."):  # same inputs in both streams: the same re-fit
+            torch.testing.assert_close(other, weight, rtol=1e-4, atol=1e-5)
+        else:
+            assert not torch.allclose(other, weight, atol=1e-4), name
+
+
+def test_layers_outside_the_stream_fall_back_with_a_warning(tiny_model_path, calibration, tokenizer, caplog_loguru):
+    recipe = UniPruningModifier(sparsity=0.5, targets=["Linear", "lm_head"], reconstruct="least_squares", dense_target=0.3)
+    model = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+    assert (model.lm_head.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    warnings = [m for m in caplog_loguru if "no dense-model inputs" in m]
+    assert len(warnings) == 1 and "lm_head" in warnings[0]
+
+
+def test_missing_dense_input_names_the_layer_and_batch():
+    stream = DenseStream(layers=3)
+    layer = torch.nn.Linear(4, 4)
+    stream.run(0, layer, (torch.ones(1, 2, 4),), {})
+    with pytest.raises(RuntimeError, match="decoder layer 2, batch 0"):
+        stream.run(2, layer, (torch.ones(1, 2, 4),), {})
