@@ -19,7 +19,10 @@ def series_name(row: dict) -> str:
     if row["method"] == "unipruning" and row.get("label") == "prototype":
         return "issue 6 prototype (averaged anchor + least squares)"
     if row["method"] == "unipruning":
-        return "UniPruning + least squares" if extra.get("reconstruct") == "least_squares" else "UniPruning (mask only)"
+        if extra.get("reconstruct") != "least_squares":
+            return "UniPruning (mask only)"
+        target = extra.get("dense_target")
+        return f"UniPruning + least squares, dense_target {target}" if target else "UniPruning + least squares"
     return {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude"}.get(row["method"], row["method"])
 
 
