@@ -192,7 +192,10 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
     index = indices[0]
     fields = recipe.modifiers[index].model_dump(exclude_unset=True)
     fields.pop("calibration_inputs", None)
-    fields.pop("dense_target", None)  # every layer then calibrates on the dense model's activations anyway
+    # a saliency file serves any sparsity: every layer calibrates on the dense model's activations,
+    # so there is no drift to correct and no mask yet to take feedback from
+    fields.pop("dense_target", None)
+    fields.pop("block_feedback", None)
     try:
         recipe.modifiers[index] = UniPruningModifier.model_validate({**fields, "save_saliency": path})
     except ValueError as error:

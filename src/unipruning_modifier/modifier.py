@@ -27,6 +27,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from transformers import PreTrainedModel
 
+from .block_feedback import block_feedback
 from .checkpoint.io import enable_sparse_save
 from .dense_stream import DenseStream
 from .masks import (
@@ -83,6 +84,13 @@ class UniPruningModifier(Modifier):
     :param owl_lambda: under "owl", the decoder-layer sparsities span 2 * owl_lambda (max - min).
     :param owl_threshold: a weight is an outlier under "owl" when its mean anchor exceeds this
         multiple of its decoder layer's mean.
+    :param block_feedback: strength s of the block-local feedback (0: off). Before each batch
+        runs through a decoder layer, the layer's output error against its dense output on the
+        same input, under the current masks, is differentiated w.r.t. the masks, and each
+        weight's anchor is scaled by 1 + s * tanh(-g / mean|g|) (block_feedback.py). Costs a
+        forward and a backward of the layer per batch; needs the decoder layers as sequential
+        targets, calibration_inputs "pruned" and allocation "layer" or "row" (the masks it
+        differentiates are the layer's own budget).
     :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
@@ -130,6 +138,7 @@ class UniPruningModifier(Modifier):
     clamp: float = Field(default=0.1, ge=0, le=1)
     owl_lambda: float = Field(default=0.08, ge=0, lt=1)
     owl_threshold: float = Field(default=5.0, gt=0)
+    block_feedback: float = Field(default=0.0, ge=0, le=1)
     nm_order: Literal["gamma", "first_step"] = "gamma"
     seed: int = 0
     reconstruct: Literal["none", "least_squares"] = "none"
@@ -158,6 +167,8 @@ class UniPruningModifier(Modifier):
     _layer_index: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _dense_inputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _calibration_hooks: set = PrivateAttr(default_factory=set)
+    _block_targets: dict[torch.nn.Module, list[str]] = PrivateAttr(default_factory=dict)
+    _feedback: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -202,26 +213,29 @@ class UniPruningModifier(Modifier):
         return self
 
     @model_validator(mode="after")
-    def _check_dense_target(self) -> "UniPruningModifier":
-        if self.dense_target == 0:
-            return self
+    def _check_sequential_features(self) -> "UniPruningModifier":
+        """dense_target and block_feedback work on layers masked as they are calibrated."""
+        if self.dense_target > 0 and self.reconstruct == "none":
+            raise ValueError(f"dense_target {self.dense_target} needs reconstruct: least_squares; got reconstruct 'none'")
+        for feature in ("dense_target", "block_feedback"):
+            if getattr(self, feature) > 0:
+                self._check_masked_while_calibrating(feature)
+        return self
+
+    def _check_masked_while_calibrating(self, feature: str) -> None:
         conflicts = {
-            "reconstruct": (self.reconstruct == "none", "needs reconstruct: least_squares"),
             "calibration_inputs": (
                 self.calibration_inputs == "dense" or bool(self.save_saliency),
-                "needs calibration_inputs: pruned (with dense inputs, or save_saliency, every layer already "
-                "sees the dense model's activations)",
+                "calibration_inputs 'pruned' and no save_saliency",
             ),
-            "allocation": (
-                self.allocation in ("global", "owl"),
-                f"needs allocation 'layer' or 'row' ({self.allocation!r} masks every layer at the end, so "
-                "the dense model's activations are the ones calibrated on)",
-            ),
+            "allocation": (self.allocation in ("global", "owl"), "allocation 'layer' or 'row' (global and owl mask at the end)"),
         }
-        for field, (conflict, message) in conflicts.items():
+        for field, (conflict, allowed) in conflicts.items():
             if conflict:
-                raise ValueError(f"dense_target {self.dense_target} {message}; got {field} {getattr(self, field)!r}")
-        return self
+                raise ValueError(
+                    f"{feature} {getattr(self, feature)} needs layers masked as they are calibrated: {allowed}; "
+                    f"got {field} {getattr(self, field)!r}"
+                )
 
     @model_validator(mode="after")
     def _check_saliency_files(self) -> "UniPruningModifier":
@@ -330,12 +344,33 @@ class UniPruningModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._calibration_hooks = {self.register_hook(module, self._calibrate, "forward") for module in self._names}
+        modules = dict(state.model.named_modules())
         if self.dense_target > 0:
             self._stream = DenseStream(len(self._decoder_layers))
-            modules = dict(state.model.named_modules())
             self._layer_index = {modules[name]: i for i, name in enumerate(self._decoder_layers)}
             for layer in self._layer_index:
                 self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
+        if self.block_feedback > 0:
+            for layer_name in self._decoder_layers:
+                names = [name for name, layer in self._groups.items() if layer == layer_name]
+                if names:
+                    self._block_targets[modules[layer_name]] = names
+                    self.register_hook(modules[layer_name], self._run_feedback, "forward_pre", with_kwargs=True)
+
+    def _run_feedback(self, module: torch.nn.Module, args, kwargs):
+        """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
+        output error under the current masks (none on the first batch: no saliency yet)."""
+        names = self._block_targets[module]
+        if not all(name in self._states for name in names):
+            return
+        masks = {}
+        for name in names:
+            saliency = self._states[name]
+            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self._order)
+            masks[self._modules[name]] = self._layer_mask(name, keys)
+        with HooksMixin.disable_hooks():
+            factors = block_feedback(module, args, kwargs, masks, self.block_feedback)
+        self._feedback.update({self._names[linear]: factor for linear, factor in factors.items()})
 
     def _run_dense(self, module: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: the same batch through the dense model first; only
@@ -363,6 +398,9 @@ class UniPruningModifier(Modifier):
             beta=self.beta,
             generator=generator,
         )
+        factor = self._feedback.pop(name, None)
+        if factor is not None:
+            anchor = anchor * factor.to(anchor.device)
         mirror_descent_step(self._states[name], anchor, self.kappa, self.lam, generator)
         if self.reconstruct != "none":
             gram, count = self._grams.get(name, (None, 0))
@@ -503,6 +541,7 @@ class UniPruningModifier(Modifier):
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
         self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}
+        self._block_targets, self._feedback = {}, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
