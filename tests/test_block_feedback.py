@@ -78,3 +78,12 @@ def test_feedback_changes_the_masks_not_the_sparsity(tiny_model_path, calibratio
 def test_bad_feedback_settings_name_the_field(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         UniPruningModifier(sparsity=0.5, **fields)
+
+
+def test_sub_layer_sequential_targets_take_feedback_per_block(tiny_model_path, calibration, tokenizer, caplog_loguru):
+    recipe = UniPruningModifier(sparsity=0.5, ignore=["re:.*lm_head"], block_feedback=0.5)
+    model = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential",
+                        sequential_targets=["LlamaAttention", "LlamaMLP"])
+    assert not any("block_feedback never ran" in m for m in caplog_loguru)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert abs((weight == 0).float().mean().item() - 0.5) < 1e-2

@@ -96,3 +96,10 @@ def test_missing_dense_input_names_the_layer_and_batch():
     stream.run(0, layer, (torch.ones(1, 2, 4),), {})
     with pytest.raises(RuntimeError, match="decoder layer 2, batch 0"):
         stream.run(2, layer, (torch.ones(1, 2, 4),), {})
+
+
+def test_sub_layer_sequential_targets_are_refused_before_calibration(tiny_model_path, calibration, tokenizer):
+    recipe = UniPruningModifier(sparsity=0.5, reconstruct="least_squares", dense_target=0.3)
+    with pytest.raises(ValueError, match="dense_target needs the decoder layers as sequential targets"):
+        run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential",
+                    sequential_targets=["LlamaAttention", "LlamaMLP"])

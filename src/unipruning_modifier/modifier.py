@@ -2,8 +2,9 @@
 
 The math lives in saliency.py (anchors), mirror_descent.py (state and update), masks.py
 (mask extraction) and reconstruction.py (the optional re-fit); this class validates the recipe,
-hooks the target Linear layers (and, for ``dense_target``, the decoder layers that feed
-dense_stream.py), feeds each calibration batch to the mirror descent and applies the final masks.
+hooks the target Linear layers (and, for ``dense_target`` and ``block_feedback``, the decoder
+layers, see dense_stream.py and block_feedback.py), feeds each calibration batch to the mirror
+descent and applies the final masks.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class UniPruningModifier(Modifier):
     _calibration_hooks: set = PrivateAttr(default_factory=set)
     _block_targets: dict[torch.nn.Module, list[str]] = PrivateAttr(default_factory=dict)
     _feedback: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _feedback_runs: int = PrivateAttr(default=0)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -300,6 +302,8 @@ class UniPruningModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
         self._decoder_layers = self._decoder_layer_names(state.model, kwargs.get("sequential_targets"))
+        if self.dense_target > 0:
+            self._check_layers_chain(self._decoder_layers)
         self._groups = self._layer_of(targets, self._decoder_layers)
         self._modules = targets
         self._names = {module: name for name, module in targets.items()}
@@ -317,6 +321,19 @@ class UniPruningModifier(Modifier):
     def _decoder_layer_names(model, sequential_targets) -> list[str]:
         """Names of the decoder layers (sequential targets), in model order."""
         return [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+
+    @staticmethod
+    def _check_layers_chain(layers: list[str]) -> None:
+        """dense_target feeds each sequential target's output to the next one, which is right for
+        the decoder layers (``prefix.0`` .. ``prefix.N-1``), not for e.g. attention / MLP targets."""
+        parts = [name.rpartition(".") for name in layers]
+        prefixes = {prefix for prefix, _, _ in parts}
+        if not layers or len(prefixes) != 1 or [index for _, _, index in parts] != [str(i) for i in range(len(layers))]:
+            shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
+            raise ValueError(
+                f"UniPruningModifier: dense_target needs the decoder layers as sequential targets (one list, "
+                f"each layer's output the next one's input); got {shown or 'none'}"
+            )
 
     @staticmethod
     def _layer_of(targets, layers: list[str]) -> dict[str, str]:
@@ -371,6 +388,7 @@ class UniPruningModifier(Modifier):
         with HooksMixin.disable_hooks():
             factors = block_feedback(module, args, kwargs, masks, self.block_feedback)
         self._feedback.update({self._names[linear]: factor for linear, factor in factors.items()})
+        self._feedback_runs += 1
 
     def _run_dense(self, module: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: the same batch through the dense model first; only
@@ -423,6 +441,11 @@ class UniPruningModifier(Modifier):
             self._apply_global_budget()
         self.remove_hooks()
         self._stream = None
+        if self.block_feedback > 0 and self._feedback_runs == 0 and self._pruned:
+            logger.warning(
+                "UniPruning: block_feedback never ran (no decoder layer was called as a whole with more than "
+                "one batch; it needs the decoder layers as sequential targets)"
+            )
 
     def _finish_calibrated_layers(self) -> None:
         """Reduce across ranks, then mask each calibrated layer (or keep its keys for "global")."""
