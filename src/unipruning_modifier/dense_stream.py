@@ -35,13 +35,15 @@ class DenseStream:
         if layer == 0:
             dense = pruned
         else:
-            stored = self._inputs.get(layer, {}).pop(batch, None)
+            waiting = self._inputs.get(layer, {})
+            stored = waiting.pop(batch, None)
             if stored is None:
                 raise RuntimeError(
-                    f"dense_target: no dense input for decoder layer {layer}, batch {batch}; "
-                    "the layers must be calibrated in order by the sequential pipeline, one decoder layer "
-                    "per subgraph (the default sequential targets)"
+                    f"dense_target: no dense input for decoder layer {layer}, batch {batch}; the decoder layers "
+                    "must each see every batch, in order (llm-compressor's sequential pipeline)"
                 )
+            if not waiting:
+                self._inputs.pop(layer, None)
             dense = stored.to(pruned.device)
         if positional:
             args = (dense, *args[1:])
@@ -55,9 +57,3 @@ class DenseStream:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if layer + 1 < self._count:
             self._inputs.setdefault(layer + 1, {})[batch] = hidden.detach().to(self._offload)
-        if not self._inputs.get(layer, True):
-            del self._inputs[layer]
-
-    def clear(self) -> None:
-        self._inputs.clear()
-        self._batches.clear()
