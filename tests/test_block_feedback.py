@@ -73,6 +73,7 @@ def test_feedback_changes_the_masks_not_the_sparsity(tiny_model_path, calibratio
         ({"block_feedback": 1.5}, "block_feedback"),
         ({"block_feedback": 0.5, "calibration_inputs": "dense"}, "got calibration_inputs 'dense'"),
         ({"block_feedback": 0.5, "allocation": "global"}, "got allocation 'global'"),
+        ({"block_feedback": 0.5, "block_feedback_every": 0}, "block_feedback_every"),
     ],
 )
 def test_bad_feedback_settings_name_the_field(fields, message):
@@ -87,3 +88,15 @@ def test_sub_layer_sequential_targets_take_feedback_per_block(tiny_model_path, c
     assert not any("block_feedback never ran" in m for m in caplog_loguru)
     weight = model.model.layers[1].mlp.down_proj.weight
     assert abs((weight == 0).float().mean().item() - 0.5) < 1e-2
+
+
+@pytest.mark.parametrize("every, expected_runs", [(1, 2 * 15), (4, 2 * 4)])
+def test_feedback_every_k_batches(tiny_model_path, calibration, tokenizer, monkeypatch, every, expected_runs):
+    from unipruning_modifier import modifier as modifier_module
+
+    runs = []
+    original = modifier_module.block_feedback
+    monkeypatch.setattr(modifier_module, "block_feedback", lambda *a, **k: runs.append(1) or original(*a, **k))
+    recipe = UniPruningModifier(sparsity=0.5, ignore=["re:.*lm_head"], block_feedback=0.5, block_feedback_every=every)
+    run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+    assert len(calibration) == 16 and len(runs) == expected_runs  # 2 layers; batch 0 has no saliency yet

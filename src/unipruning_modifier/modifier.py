@@ -92,6 +92,9 @@ class UniPruningModifier(Modifier):
         forward and a backward of the layer per batch; needs the decoder layers as sequential
         targets, calibration_inputs "pruned" and allocation "layer" or "row" (the masks it
         differentiates are the layer's own budget).
+    :param block_feedback_every: take the feedback on every k-th batch only; the batches in
+        between take none (k times cheaper; re-using the last factors instead was worse than
+        no feedback at all).
     :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
@@ -140,6 +143,7 @@ class UniPruningModifier(Modifier):
     owl_lambda: float = Field(default=0.08, ge=0, lt=1)
     owl_threshold: float = Field(default=5.0, gt=0)
     block_feedback: float = Field(default=0.0, ge=0, le=1)
+    block_feedback_every: int = Field(default=1, ge=1)
     nm_order: Literal["gamma", "first_step"] = "gamma"
     seed: int = 0
     reconstruct: Literal["none", "least_squares"] = "none"
@@ -171,6 +175,7 @@ class UniPruningModifier(Modifier):
     _block_targets: dict[torch.nn.Module, list[str]] = PrivateAttr(default_factory=dict)
     _feedback: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _feedback_runs: int = PrivateAttr(default=0)
+    _feedback_batches: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -378,7 +383,11 @@ class UniPruningModifier(Modifier):
         """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
         output error under the current masks (none on the first batch: no saliency yet)."""
         names = self._block_targets[module]
+        batch = self._feedback_batches.get(module, 0)
+        self._feedback_batches[module] = batch + 1
         if not all(name in self._states for name in names):
+            return
+        if (batch - 1) % self.block_feedback_every:
             return
         masks = {}
         for name in names:
@@ -452,6 +461,7 @@ class UniPruningModifier(Modifier):
         for name in list(self._states):
             saliency = self._states.pop(name)
             self._generators.pop(name)
+            self._feedback.pop(name, None)
             all_reduce_state(saliency)
             if name in self._crosses:
                 self._crosses[name], _ = all_reduce_gram(self._crosses[name], self._grams[name][1])
@@ -564,7 +574,7 @@ class UniPruningModifier(Modifier):
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
         self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}
-        self._block_targets, self._feedback = {}, {}
+        self._block_targets, self._feedback, self._feedback_batches = {}, {}, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
