@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _hidden(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+from .dense_stream import hidden_states
 
 
 def block_feedback(
@@ -39,7 +37,7 @@ def block_feedback(
     see these runs.
     """
     with torch.no_grad():
-        dense = _hidden(block.forward(*args, **kwargs)).float()
+        dense = hidden_states(block.forward(*args, **kwargs)).float()
     with torch.enable_grad():
         soft = {linear: mask.to(torch.float32).requires_grad_(True) for linear, mask in masks.items()}
         handles = [
@@ -51,7 +49,7 @@ def block_feedback(
             for linear, m in soft.items()
         ]
         try:
-            masked = _hidden(block.forward(*args, **kwargs)).float()
+            masked = hidden_states(block.forward(*args, **kwargs)).float()
         finally:
             for handle in handles:
                 handle.remove()

@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 
 
+def hidden_states(output):
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 class DenseStream:
     """Dense hidden states per (decoder layer, batch), offloaded between layers."""
 
@@ -54,6 +59,5 @@ class DenseStream:
             output = module.forward(*args, **kwargs)
         finally:
             self.running = False
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
         if layer + 1 < self._count:
-            self._inputs.setdefault(layer + 1, {})[batch] = hidden.detach().to(self._offload)
+            self._inputs.setdefault(layer + 1, {})[batch] = hidden_states(output).detach().to(self._offload)

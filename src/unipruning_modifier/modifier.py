@@ -175,7 +175,6 @@ class UniPruningModifier(Modifier):
     _block_targets: dict[torch.nn.Module, list[str]] = PrivateAttr(default_factory=dict)
     _feedback: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _feedback_runs: int = PrivateAttr(default=0)
-    _feedback_batches: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -383,11 +382,9 @@ class UniPruningModifier(Modifier):
         """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
         output error under the current masks (none on the first batch: no saliency yet)."""
         names = self._block_targets[module]
-        batch = self._feedback_batches.get(module, 0)
-        self._feedback_batches[module] = batch + 1
         if not all(name in self._states for name in names):
             return
-        if (batch - 1) % self.block_feedback_every:
+        if (self._states[names[0]].steps - 1) % self.block_feedback_every:  # steps = this batch's index
             return
         masks = {}
         for name in names:
@@ -574,7 +571,7 @@ class UniPruningModifier(Modifier):
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
         self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}
-        self._block_targets, self._feedback, self._feedback_batches = {}, {}, {}
+        self._block_targets, self._feedback = {}, {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
