@@ -30,7 +30,7 @@ from unipruning_modifier.checkpoint import (
     storage_bytes,
     unpack_bitmask,
 )
-from unipruning_modifier.checkpoint import codecs
+from unipruning_modifier.checkpoint import sparse_24_bitmask as codecs
 
 DTYPES = {
     "bf16": torch.bfloat16,

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from unipruning_modifier import UniPruningModifier
-from unipruning_modifier.checkpoint.io import load_sparse, sparse_config_of
+from unipruning_modifier.checkpoint import load_sparse, sparse_config_of
 
 from .conftest import load, run_oneshot
 

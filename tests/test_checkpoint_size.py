@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from unipruning_modifier.checkpoint import mask_24
-from unipruning_modifier.checkpoint.io import load_sparse, write_sparse
+from unipruning_modifier.checkpoint import load_sparse, write_sparse
 
 from .conftest import SHARED
 

@@ -10,7 +10,7 @@ import torch
 
 from unipruning_modifier.cli import main
 
-from unipruning_modifier.checkpoint.io import load_sparse, sparse_config_of
+from unipruning_modifier.checkpoint import load_sparse, sparse_config_of
 
 from .conftest import REPO, linear_weights
 

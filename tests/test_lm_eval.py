@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unipruning_modifier import UniPruningModifier
-from unipruning_modifier.checkpoint.io import sparse_config_of
+from unipruning_modifier.checkpoint import sparse_config_of
 from unipruning_modifier.cli import main
 from unipruning_modifier.lm_evaluation import cloze_items
 
@@ -53,7 +53,7 @@ def test_eval_sparse_checkpoint_with_local_tasks(capsys, sparse_checkpoint, tmp_
 
     # the sparse checkpoint is evaluated as the pruned model: same numbers as the dense save of it
     dense = tmp_path / "dense"
-    from unipruning_modifier.checkpoint.io import load_sparse
+    from unipruning_modifier.checkpoint import load_sparse
 
     load_sparse(sparse_checkpoint).save_pretrained(dense)
     (dense / "tokenizer.json").write_bytes((sparse_checkpoint / "tokenizer.json").read_bytes())

@@ -9,7 +9,7 @@ import torch
 from llmcompressor.recipe import Recipe
 
 from unipruning_modifier import UniPruningModifier, data
-from unipruning_modifier.checkpoint.io import load_sparse
+from unipruning_modifier.checkpoint import load_sparse
 from unipruning_modifier.masks import kept_count
 
 from .conftest import REPO, all_parameters, linear_weights, load, run_oneshot

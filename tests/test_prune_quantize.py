@@ -9,7 +9,7 @@ import torch
 from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 from safetensors import safe_open
 
-from unipruning_modifier.checkpoint.io import load_sparse, sparse_config_of
+from unipruning_modifier.checkpoint import load_sparse, sparse_config_of
 from unipruning_modifier.cli import BUILTIN_RECIPES
 
 from .conftest import load, run_oneshot

@@ -242,11 +242,12 @@ def load_model(model_id: str, args: argparse.Namespace, device):
 
 def save_checkpoint(model, tokenizer, output: Path, save_format: str, saved_dtype) -> float:
     """Write the checkpoint to a private staging folder, then move it to ``output``; its MiB."""
+    from .checkpoint import save_sparse
+
     model.to(saved_dtype)  # exact: kept weights were only upcast from this dtype
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        sparse_save = hasattr(model, "_unipruning_sparse")  # set when a UniPruningModifier pruned it
-        model.save_pretrained(staging, **({"sparse_format": "dense"} if sparse_save and save_format == "dense" else {}))
+        save_sparse(model, staging, sparse_format="dense" if save_format == "dense" else None)
         tokenizer.save_pretrained(staging)
         publish(staging, output)
     finally:
@@ -461,7 +462,7 @@ def load_for_eval(model_id: str, args: argparse.Namespace, device):
     """(model on ``device``, tokenizer, sparsity_config or None); sparse folders via load_sparse."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint.io import load_sparse, sparse_config_of
+    from .checkpoint import load_sparse, sparse_config_of
 
     log(f"loading {model_id} on {device}")
     try:

@@ -1,6 +1,6 @@
 """Zero-shot evaluation with lm-eval-harness on pruned or compressed checkpoints (``unipruning eval``).
 
-The model is loaded here (``checkpoint.io.load_sparse``, so our sparse formats work) and handed
+The model is loaded here (``checkpoint.load_sparse``, so our sparse formats work) and handed
 to lm-eval's HF model class (``HFLM(pretrained=model)``); standard task names (wikitext,
 arc_easy, hellaswag, piqa, winogrande, boolq, rte, openbookqa, ...) pass through to lm-eval.
 Two kinds of local task need no download:

@@ -29,7 +29,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from transformers import PreTrainedModel
 
 from .block_feedback import block_feedback
-from .checkpoint.io import enable_sparse_save
+from .checkpoint import mark_sparse
 from .dense_stream import DenseStream
 from .masks import (
     global_allocation,
@@ -567,7 +567,7 @@ class UniPruningModifier(Modifier):
         self.remove_hooks()
         if self._pruned and isinstance(state.model, PreTrainedModel):
             structure = f"{self._n}:{self._m}" if self._m else "unstructured"
-            enable_sparse_save(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
+            mark_sparse(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
         missed = sorted(set(self._names.values()) - self._pruned)
         self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
         self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .codecs import FORMATS, Codec, SparseFormatError, get_codec
+from .registry import FORMATS, Codec, SparseFormatError, get_codec
 
 __all__ = [
     "FORMATS",

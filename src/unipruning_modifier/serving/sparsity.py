@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.codecs import SparseFormatError, _parse_shape, _row_popcounts, get_codec
+from ..checkpoint import SparseFormatError, get_codec, parse_shape, row_popcounts
 
 __all__ = [
     "SPARSE_FORMATS",
@@ -82,7 +82,7 @@ def _dims(fmt: str, tensors: Mapping[str, torch.Tensor], name: str | None) -> tu
     missing = [p for p in get_codec(fmt).param_names if p not in tensors]
     if missing:
         raise SparseFormatError(f"sparse tensor {name!r}: {fmt} needs {list(get_codec(fmt).param_names)}, missing {missing}")
-    return _parse_shape(tensors["shape"], name)
+    return parse_shape(tensors["shape"], name)
 
 
 def _shape_like(shape: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -98,7 +98,7 @@ def slice_rows(fmt: str, tensors: Mapping[str, torch.Tensor], start: int, size: 
     if fmt == "sparse-24-bitmask":
         out["compressed"] = tensors["compressed"][start : start + size]
         return out
-    counts = _row_popcounts(tensors["bitmask"], cols)
+    counts = row_popcounts(tensors["bitmask"], cols)
     offsets = torch.cumsum(counts, 0) - counts
     first = int(offsets[start]) if size else 0
     count = int(counts[start : start + size].sum())

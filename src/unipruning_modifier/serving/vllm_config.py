@@ -40,7 +40,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import ModelWeightParameter
 
-from ..checkpoint.codecs import SparseFormatError, get_codec
+from ..checkpoint import SparseFormatError, get_codec
 from . import kernels
 from .sparsity import SparsitySpec, decompress_part, parse_sparsity_config, slice_columns, slice_rows
 
