@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from unipruning_modifier import UniPruningModifier
-from unipruning_modifier import modifier as modifier_module
-from unipruning_modifier.dense_stream import DenseStream
+from unipruning_modifier.dense_stream import DenseStream, hidden_states
 
 from .conftest import load, run_oneshot
 
@@ -32,36 +31,42 @@ def dense_linear_inputs(model, calibration) -> dict[str, list[torch.Tensor]]:
     return inputs
 
 
-def test_dense_stream_gives_each_layer_the_dense_models_inputs(tiny_model_path, calibration, tokenizer, monkeypatch):
-    expected = dense_linear_inputs(load(tiny_model_path), calibration)
-    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    accumulate = modifier_module.accumulate_gram
+def decoder_calls(model, calibration) -> list[list[tuple[tuple, dict]]]:
+    """(args, kwargs) of every decoder layer call, per layer and sample, in a dense forward."""
+    calls = [[] for _ in model.model.layers]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, kwargs, i=i: calls[i].append((args, kwargs)) and None, with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        for sample in calibration:
+            model(input_ids=torch.tensor([sample["input_ids"]]), attention_mask=torch.tensor([sample["attention_mask"]]))
+    for handle in handles:
+        handle.remove()
+    return calls
 
-    def recording(inputs, gram=None, count=0, paired=None):
-        if paired is not None:
-            seen.setdefault(recording.name, []).append((inputs.detach().clone(), paired.detach().clone()))
-        return accumulate(inputs, gram, count, paired)
 
-    calibrate = UniPruningModifier._calibrate
-
-    def calibrate_named(self, module, args, output):
-        recording.name = self._names[module]
-        return calibrate(self, module, args, output)
-
-    monkeypatch.setattr(modifier_module, "accumulate_gram", recording)
-    monkeypatch.setattr(UniPruningModifier, "_calibrate", calibrate_named)
-    recipe = UniPruningModifier(sparsity=0.6, ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=0.5)
-    run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
-
-    assert set(seen) == {name for name in expected if name.startswith("model.layers.")}
-    for name, pairs in seen.items():
-        assert len(pairs) == len(calibration), name
-        for batch, (pruned, dense) in enumerate(pairs):
-            torch.testing.assert_close(dense, expected[name][batch], rtol=1e-4, atol=1e-5, msg=f"{name} batch {batch}")
-            if name.startswith("model.layers.0."):
-                assert torch.equal(pruned, dense), name  # nothing before the first layer is pruned
-            else:
-                assert not torch.allclose(pruned, dense, atol=1e-3), name  # layer 0 is pruned by then
+def test_dense_stream_gives_each_layer_the_dense_models_inputs(tiny_model_path, calibration):
+    """Driven as the sequential pipeline drives it: every batch through layer l (dense weights),
+    then layer l is pruned and its pruned outputs feed layer l + 1."""
+    model = load(tiny_model_path)
+    expected = dense_linear_inputs(model, calibration)
+    calls = decoder_calls(model, calibration)
+    stream = DenseStream(layers=len(model.model.layers))
+    pruned_inputs = [args[0] for args, _ in calls[0]]
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{index}."
+            linears = {m: prefix + n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            for batch, (args, kwargs) in enumerate(calls[index]):
+                seen = stream.run(index, layer, (pruned_inputs[batch], *args[1:]), kwargs, linears)
+                assert set(seen) == set(linears.values())
+                for name, dense in seen.items():
+                    torch.testing.assert_close(dense, expected[name][batch], rtol=1e-4, atol=1e-5, msg=f"{name} batch {batch}")
+            for linear in linears:  # prune the layer, as the pipeline does before propagating
+                linear.weight.masked_fill_(linear.weight.abs() < linear.weight.abs().median(), 0)
+            pruned_inputs = [hidden_states(layer(x, *args[1:], **kwargs)) for x, (args, kwargs) in zip(pruned_inputs, calls[index])]
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_dense_target_changes_only_the_refit(tiny_model_path, calibration, tokenizer):
@@ -93,9 +98,9 @@ def test_layers_outside_the_stream_fall_back_with_a_warning(tiny_model_path, cal
 def test_missing_dense_input_names_the_layer_and_batch():
     stream = DenseStream(layers=3)
     layer = torch.nn.Linear(4, 4)
-    stream.run(0, layer, (torch.ones(1, 2, 4),), {})
+    stream.run(0, layer, (torch.ones(1, 2, 4),), {}, {})
     with pytest.raises(RuntimeError, match="decoder layer 2, batch 0"):
-        stream.run(2, layer, (torch.ones(1, 2, 4),), {})
+        stream.run(2, layer, (torch.ones(1, 2, 4),), {}, {})
 
 
 def test_sub_layer_sequential_targets_are_refused_before_calibration(tiny_model_path, calibration, tokenizer):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unipruning_modifier import masks
+from unipruning_modifier.structure import parse_mask_structure
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -37,13 +38,13 @@ def _distinct(shape, seed: int) -> torch.Tensor:
     ],
 )
 def test_parse_mask_structure_accepts(text, expected):
-    assert masks.parse_mask_structure(text) == expected
+    assert parse_mask_structure(text) == expected
 
 
 @pytest.mark.parametrize("text", ["3:2", "0:4", "4:4", "abc", "2:", "2-4", "-2:4", "2:4:8", ""])
 def test_parse_mask_structure_rejects_naming_the_value(text):
     with pytest.raises(ValueError, match=re.escape(repr(text))):
-        masks.parse_mask_structure(text)
+        parse_mask_structure(text)
 
 
 # --------------------------------------------------------------------------- kept_count

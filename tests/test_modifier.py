@@ -127,4 +127,4 @@ def test_recipe_comments_match_fields():
     ],
 )
 def test_first_step_is_tracked_only_where_used(fields, tracked):
-    assert UniPruningModifier(**fields)._tracks_first_step is tracked
+    assert UniPruningModifier(**fields).calibration_settings().track_first_step is tracked

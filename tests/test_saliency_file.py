@@ -107,21 +107,30 @@ def test_refuses_targets_outside_the_file(saliency, tiny_model_path):
         oneshot(model=load(tiny_model_path), recipe=UniPruningModifier(load_saliency=str(saliency), sparsity=0.5, targets=["Linear", "lm_head"]))
 
 
-def test_saliency_fields_are_checked_before_any_work(saliency, tmp_path):
+def test_saliency_fields_are_checked_when_parsed(saliency, tmp_path):
     with pytest.raises(ValidationError, match="exclude each other"):
         UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "a"), load_saliency=str(saliency))
     with pytest.raises(ValidationError, match="needs calibration_inputs 'dense'"):
         UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "a"), calibration_inputs="pruned")
-    with pytest.raises(ValidationError, match="does not exist"):
-        UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "missing" / "a"))
     with pytest.raises(ValidationError, match="reconstruct 'least_squares'"):
         UniPruningModifier(sparsity=0.5, load_saliency=str(saliency), reconstruct="least_squares")
-    with pytest.raises(ValidationError, match="no such file"):
-        UniPruningModifier(sparsity=0.5, load_saliency=str(tmp_path / "nothing.safetensors"))
+    assert UniPruningModifier(sparsity=0.5, load_saliency=str(saliency)).requires_calibration_data is False
+
+
+def test_saliency_files_are_checked_before_calibration(tiny_model_path, calibration, tokenizer, tmp_path):
+    """Files are looked at when oneshot initialises the modifier, before any batch runs."""
+    from llmcompressor import oneshot
+
+    model = load(tiny_model_path)
+    before = all_parameters(model)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_oneshot(model, UniPruningModifier(sparsity=0.5, save_saliency=str(tmp_path / "missing" / "a")), calibration, tokenizer)
+    with pytest.raises(SaliencyFileError, match="no such file"):
+        oneshot(model=model, recipe=UniPruningModifier(sparsity=0.5, load_saliency=str(tmp_path / "nothing.safetensors")))
     not_ours = tmp_path / "plain.safetensors"
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(not_ours))
-    with pytest.raises(ValidationError, match="not written by UniPruning"):
-        UniPruningModifier(sparsity=0.5, load_saliency=str(not_ours))
-    assert UniPruningModifier(sparsity=0.5, load_saliency=str(saliency)).requires_calibration_data is False
+    with pytest.raises(SaliencyFileError, match="not written by UniPruning"):
+        oneshot(model=model, recipe=UniPruningModifier(sparsity=0.5, load_saliency=str(not_ours)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -9,7 +9,8 @@ without the modifiers and only ``checkpoint`` and ``serving`` are usable.
 
 from importlib.util import find_spec
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["__version__"]
 
 if find_spec("llmcompressor") is not None:

@@ -297,7 +297,7 @@ def prune(args: argparse.Namespace) -> dict:
         raise UsageError(f"--eval-text {eval_path}: {eval_tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
     pruners = [m for m in recipe.modifiers if isinstance(m, UniPruningModifier)]
     try:
-        targets = sorted({name for m in pruners for name in m.check_model(model)[0]})
+        targets = sorted({name for m in pruners for name in m.resolve(model)[0]})
     except ValueError as error:
         raise UsageError(f"--recipe {recipe_path}: {error}") from error
 
@@ -389,7 +389,7 @@ def extract(args: argparse.Namespace) -> dict:
 
     model, tokenizer, saved_dtype = load_model(model_id, args, device)
     try:
-        targets = sorted(modifier.check_model(model)[0])
+        targets = sorted(modifier.resolve(model)[0])
     except ValueError as error:
         raise UsageError(f"--mask-structure {args.mask_structure}: {error}") from error
     with PeakMemory(device) as memory, timed(device) as clock:

@@ -70,11 +70,13 @@ def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, se
     return windows[order.sort().values]
 
 
-def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int = 0):
-    """A ``datasets.Dataset`` of tokenized windows of ``text`` (see ``read_text``), for ``oneshot``."""
+def windows_dataset(windows: torch.Tensor):
+    """A ``datasets.Dataset`` of token windows [count, seq_len], for ``oneshot``."""
     import datasets
 
-    windows = calibration_windows(token_stream(tokenizer, text), num_samples, seq_len, seed)
-    return datasets.Dataset.from_dict(
-        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
-    )
+    return datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+
+
+def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int = 0):
+    """Windows of ``text`` (see ``read_text``) chosen by ``calibration_windows``, for ``oneshot``."""
+    return windows_dataset(calibration_windows(token_stream(tokenizer, text), num_samples, seq_len, seed))

@@ -4,15 +4,17 @@ llm-compressor's sequential pipeline feeds decoder layer l the outputs of the al
 layers 0..l-1. For ``dense_target`` above 0 the re-fit of a layer also needs what its
 inputs would be in the dense model, so that it can aim at the dense model's outputs and so
 correct the error the earlier layers left. ``DenseStream`` keeps that second stream: when a
-decoder layer is about to run on batch b, it first runs the same layer, weights still dense, on
-the dense input of batch b (the pruned input for the first layer, where both are equal), lets
-the caller capture the dense inputs of the layer's Linear modules during that run, and keeps
-the dense output as the next layer's dense input.
+decoder layer is about to run on batch b, ``run`` first runs the same layer, weights still
+dense, on the dense input of batch b (the pruned input for the first layer, where both are
+equal), returns the inputs its Linear layers saw in that run (captured by the stream's own
+temporary hooks) and keeps the dense output as the next layer's dense input.
 """
 
 from __future__ import annotations
 
 import torch
+
+__all__ = ["DenseStream", "hidden_states"]
 
 
 def hidden_states(output):
@@ -28,11 +30,13 @@ class DenseStream:
         self._offload = torch.device(offload_device)
         self._inputs: dict[int, dict[int, torch.Tensor]] = {}
         self._batches: dict[int, int] = {}
-        self.running = False
 
-    def run(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the
-        batch whose pruned input is in ``args``/``kwargs``; ``running`` is True meanwhile."""
+    def run(
+        self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict, linears: dict[torch.nn.Module, str]
+    ) -> dict[str, torch.Tensor]:
+        """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the batch
+        whose pruned input is in ``args``/``kwargs``; the inputs of ``linears`` (module -> name)
+        during that run, by name. The caller keeps other hooks from seeing the run."""
         batch = self._batches.get(layer, 0)
         self._batches[layer] = batch + 1
         positional = len(args) > 0
@@ -54,10 +58,16 @@ class DenseStream:
             args = (dense, *args[1:])
         else:
             kwargs = {**kwargs, "hidden_states": dense}
-        self.running = True
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            linear.register_forward_hook(lambda _m, inputs, _out, name=name: captured.__setitem__(name, inputs[0]))
+            for linear, name in linears.items()
+        ]
         try:
             output = module.forward(*args, **kwargs)
         finally:
-            self.running = False
+            for handle in handles:
+                handle.remove()
         if layer + 1 < self._count:
             self._inputs.setdefault(layer + 1, {})[batch] = hidden_states(output).detach().to(self._offload)
+        return captured

@@ -124,12 +124,15 @@ class PeakMemory:
 
 @contextmanager
 def timed(device: torch.device):
-    """Yield a dict whose "seconds" is set to the block's wall time (device synchronised)."""
-    result = {"seconds": 0.0}
+    """Yield a dict whose "seconds" is set to the block's wall time (device synchronised) and
+    "cpu_seconds" to the process's CPU time over it (all threads; comparable across runs on a
+    shared machine where wall time is not)."""
+    result = {"seconds": 0.0, "cpu_seconds": 0.0}
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         yield result
     finally:
         synchronize(device)
         result["seconds"] = time.perf_counter() - start
+        result["cpu_seconds"] = time.process_time() - cpu_start

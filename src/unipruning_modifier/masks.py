@@ -8,36 +8,12 @@ ties of earlier ones (e.g. |Gamma| first, then the mean anchor for weights Gamma
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
+from typing import get_args
 
 import torch
 
-ALLOCATIONS = ("layer", "row", "global")
-NM_ORDERS = ("gamma", "first_step")
-
-_MASK_STRUCTURE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
-    """"unstructured" / "0:0" -> (0, 0); "N:M" -> (N, M) with 0 < N < M (N weights kept per M)."""
-    text = str(mask_structure).strip().lower()
-    if text == "unstructured":
-        return 0, 0
-    match = _MASK_STRUCTURE.match(text)
-    if not match:
-        raise ValueError(
-            f"mask_structure must be 'unstructured', '0:0' or 'N:M' such as '2:4', got {mask_structure!r}"
-        )
-    n, m = int(match.group(1)), int(match.group(2))
-    if (n, m) == (0, 0):
-        return 0, 0
-    if not 0 < n < m:
-        raise ValueError(
-            f"mask_structure {mask_structure!r}: N:M keeps N weights in every M, so 0 < N < M is "
-            "required (e.g. '2:4', '4:8')"
-        )
-    return n, m
+from .mask_fields import NMOrder
 
 
 def kept_count(total: int, sparsity: float) -> int:
@@ -129,8 +105,8 @@ def saliency_keys(
 
     With ``nm_order="first_step"`` the order of entry into the path comes first.
     """
-    if nm_order not in NM_ORDERS:
-        raise ValueError(f"nm_order must be one of {NM_ORDERS}, got {nm_order!r}")
+    if nm_order not in get_args(NMOrder):
+        raise ValueError(f"nm_order must be one of {get_args(NMOrder)}, got {nm_order!r}")
     keys = [gamma.abs().float()]
     if anchor_mean is not None:
         keys.append(anchor_mean.abs().float())

@@ -1,25 +1,19 @@
-"""UniPruningModifier: recipe fields and llm-compressor lifecycle hooks.
+"""UniPruningModifier: recipe fields, their checks and llm-compressor lifecycle hooks.
 
-The math lives in saliency.py (anchors), mirror_descent.py (state and update), masks.py
-(mask extraction) and reconstruction.py (the optional re-fit); this class validates the recipe,
-hooks the target Linear layers (and, for ``dense_target`` and ``block_feedback``, the decoder
-layers, see dense_stream.py and block_feedback.py), feeds each calibration batch to the mirror
-descent and applies the final masks.
+Each hook hands its work to one place: layer_calibration.py (what a target Linear accumulates
+per batch, and its re-fit), mask_policy.py (keys to masks, every budget), dense_stream.py (the
+dense model's activations for ``dense_target``), block_feedback.py, saliency_file.py. The math
+is in saliency.py, mirror_descent.py, masks.py and reconstruction.py; docs/architecture.md
+follows one layer's weight through all of them.
 """
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Literal
 
 import torch
-from compressed_tensors.utils import (
-    align_module_device,
-    match_name,
-    match_named_modules,
-    update_offload_parameter,
-)
+from compressed_tensors.utils import align_module_device, match_name, match_named_modules, update_offload_parameter
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.modifier import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -31,29 +25,23 @@ from transformers import PreTrainedModel
 from .block_feedback import block_feedback
 from .checkpoint import mark_sparse
 from .dense_stream import DenseStream
-from .masks import (
-    global_allocation,
-    nm_mask,
-    owl_sparsity,
-    parse_mask_structure,
-    row_mask,
-    saliency_keys,
-    unstructured_mask,
-)
-from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
-from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
-from .saliency import activation_energy, local_saliency
-from .saliency_file import DTYPES, LayerSaliency, check_matches, load_saliency, model_fingerprint, read_metadata, save_saliency
+from .layer_calibration import CalibrationSettings, LayerCalibration, RefitSettings
+from .mask_fields import MaskSettings
+from .mask_policy import MaskPolicy
+from .saliency import Metric
+from .saliency_file import STORAGE_DTYPES, LayerSaliency, check_matches, load_saliency, model_fingerprint, read_metadata, save_saliency
+from .structure import structure_name
+from .version import __version__
 
 __all__ = ["UniPruningModifier"]
 
 
-class UniPruningModifier(Modifier):
+class UniPruningModifier(Modifier, MaskSettings):
     """Prune with UniPruning: mirror-descent saliency anchored to a local metric.
 
     Weights are never changed except by zeroing the pruned ones at the end of each layer's
-    calibration (``allocation: global`` waits for the end of calibration, because the budget
-    needs every layer's saliency).
+    calibration (``allocation: global`` / ``owl`` wait for the end of calibration, because the
+    budget needs every layer's saliency), unless ``reconstruct`` re-fits the kept ones.
 
     Sample recipe:
 
@@ -66,10 +54,9 @@ class UniPruningModifier(Modifier):
           ignore: ["re:.*lm_head"]
     ```
 
-    :param sparsity: fraction of weights to prune per target layer, or a list with one value
-        per decoder layer (sequential target). Implied by ``mask_structure`` for N:M.
-    :param mask_structure: "unstructured" / "0:0", or "N:M" (keep N weights in each group of M
-        consecutive inputs), e.g. "2:4", "4:8".
+    The mask fields (sparsity, mask_structure, allocation, clamp, owl_lambda, owl_threshold,
+    nm_order) are documented in mask_fields.MaskSettings.
+
     :param targets: module names, "re:" patterns or class names to prune. The model's input and
         output embeddings (``lm_head``) are pruned only when a target names them.
     :param ignore: modules to leave dense, same syntax as ``targets``.
@@ -78,24 +65,14 @@ class UniPruningModifier(Modifier):
     :param lam: quantile of |z| used as the soft threshold (elastic-net strength).
     :param beta: fraction of a row/column summed by ``stochastic_ria``.
     :param exponent: activation exponent a of the metric (None: 0.35 stochastic_ria, 0.5 else).
-    :param allocation: unstructured budget "layer", "row", "global" (one threshold over all
-        target layers, each clamped to sparsity +/- ``clamp``) or "owl" (outlier-weighted: decoder
-        layers whose saliency has more outliers keep more; the mean over layers is ``sparsity``).
-    :param clamp: largest deviation of a layer's sparsity from the target under "global".
-    :param owl_lambda: under "owl", the decoder-layer sparsities span 2 * owl_lambda (max - min).
-    :param owl_threshold: a weight is an outlier under "owl" when its mean anchor exceeds this
-        multiple of its decoder layer's mean.
     :param block_feedback: strength s of the block-local feedback (0: off). Before each batch
         runs through a decoder layer, the layer's output error against its dense output on the
         same input, under the current masks, is differentiated w.r.t. the masks, and each
         weight's anchor is scaled by 1 + s * tanh(-g / mean|g|) (block_feedback.py). Costs a
-        forward and a backward of the layer per batch; needs the decoder layers as sequential
-        targets, calibration_inputs "pruned" and allocation "layer" or "row" (the masks it
-        differentiates are the layer's own budget).
+        forward and a backward of the layer per batch; needs calibration_inputs "pruned" and
+        allocation "layer" or "row" (the masks it differentiates are the layer's own budget).
     :param block_feedback_every: take the feedback on every k-th batch only; the batches in
-        between take none (k times cheaper; re-using the last factors instead was worse than
-        no feedback at all).
-    :param nm_order: N:M ranking, "gamma" (|Gamma|) or "first_step" (earliest entry in the path).
+        between take none.
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
         mask, re-fit the kept weights of each layer to its calibration outputs (needs the
@@ -103,48 +80,34 @@ class UniPruningModifier(Modifier):
     :param damping: fraction of mean(diag H) added to H's diagonal for the re-fit.
     :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
     :param reconstruct_tolerance: the re-fit stops when every row's residual fell to this
-        fraction of its start (3e-3 reaches the exact solve's error to 5 digits on uni-tiny-28m).
-    :param dense_target: weight a of the dense model's outputs in the re-fit's target. The re-fit
-        aims at (1 - a) * W0 X + a * W0 D, X the inputs the layer now gets from the pruned earlier
-        layers and D the same tokens' inputs in the dense model: 0 (default) re-fits the layer
-        to its own outputs, larger values also correct part of the error the earlier layers left.
-        Above 0 the modifier runs each decoder layer a second time per batch on the dense
-        model's activations, which it keeps beside the pipeline's (one layer's worth, on CPU),
-        and holds a second in x in matrix per layer. Needs reconstruct "least_squares", the
-        sequential pipeline with decoder layers as sequential targets (the default),
-        calibration_inputs "pruned" and allocation "layer" or "row" (otherwise nothing is
-        pruned before the end, so X = D).
+        fraction of its start.
+    :param dense_target: weight a of the dense model's outputs in the re-fit's target, which is
+        (1 - a) * W0 X + a * W0 D, X the inputs the layer now gets from the pruned earlier layers
+        and D the same tokens' inputs in the dense model (dense_stream.py). Needs reconstruct
+        "least_squares", the decoder layers as sequential targets, calibration_inputs "pruned"
+        and allocation "layer" or "row".
     :param calibration_inputs: "pruned" (default): each decoder layer is masked as soon as it is
         calibrated, so later layers calibrate on pruned inputs; "dense": every layer calibrates
         on the dense model's activations and all masks are applied at the end of calibration,
         so the saliency does not depend on the sparsity and one calibration serves any setting.
     :param save_saliency: write every layer's saliency to this safetensors file at the end of
-        calibration (implies calibration_inputs "dense"); ``unipruning extract`` or
-        ``load_saliency`` prune from it later without calibrating.
+        calibration (implies calibration_inputs "dense").
     :param load_saliency: prune from a saliency file instead of calibrating (no data needed);
         the file must come from this model (same layers, shapes and weights).
-    :param saliency_dtype: "float32" (default) or "bfloat16" storage of the saved saliency;
-        masks are taken from the stored values either way.
+    :param saliency_dtype: "float32" (default) or "bfloat16" storage of the saved saliency.
     """
 
     requires_calibration_data: bool = True
 
-    sparsity: float | list[float] | None = None
-    mask_structure: str = "0:0"
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=list)
-    metric: Literal["stochastic_ria", "ria", "wanda"] = "stochastic_ria"
+    metric: Metric = "stochastic_ria"
     kappa: float = Field(default=0.01, gt=0)
     lam: float = Field(default=0.001, ge=0, lt=1)
     beta: float = Field(default=0.2, gt=0, le=1)
     exponent: float | None = Field(default=None, ge=0)
-    allocation: Literal["layer", "row", "global", "owl"] = "layer"
-    clamp: float = Field(default=0.1, ge=0, le=1)
-    owl_lambda: float = Field(default=0.08, ge=0, lt=1)
-    owl_threshold: float = Field(default=5.0, gt=0)
     block_feedback: float = Field(default=0.0, ge=0, le=1)
     block_feedback_every: int = Field(default=1, ge=1)
-    nm_order: Literal["gamma", "first_step"] = "gamma"
     seed: int = 0
     reconstruct: Literal["none", "least_squares"] = "none"
     damping: float = Field(default=0.01, ge=0)
@@ -156,28 +119,18 @@ class UniPruningModifier(Modifier):
     load_saliency: str | None = None
     saliency_dtype: Literal["float32", "bfloat16"] = "float32"
 
-    _n: int = PrivateAttr(default=0)
-    _m: int = PrivateAttr(default=0)
+    _targets: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
-    _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
-    _groups: dict[str, str] = PrivateAttr(default_factory=dict)
-    _states: dict[str, SaliencyState] = PrivateAttr(default_factory=dict)
-    _generators: dict[str, torch.Generator] = PrivateAttr(default_factory=dict)
-    _deferred: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
-    _grams: dict[str, tuple[torch.Tensor, int]] = PrivateAttr(default_factory=dict)
-    _crosses: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _decoder_layers: list[str] = PrivateAttr(default_factory=list)
+    _policy: MaskPolicy | None = PrivateAttr(default=None)
+    _layers: dict[str, LayerCalibration] = PrivateAttr(default_factory=dict)
+    _waiting: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
+    _decoder_layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _stream: DenseStream | None = PrivateAttr(default=None)
-    _layer_index: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
-    _dense_inputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _calibration_hooks: set = PrivateAttr(default_factory=set)
-    _block_targets: dict[torch.nn.Module, list[str]] = PrivateAttr(default_factory=dict)
-    _feedback: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _feedback_runs: int = PrivateAttr(default=0)
     _pruned: set[str] = PrivateAttr(default_factory=set)
-    _records: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
     _fingerprint: str | None = PrivateAttr(default=None)
+
+    # ------------------------------------------------------------------ recipe checks
 
     @field_validator("targets", "ignore", mode="before")
     @classmethod
@@ -187,93 +140,54 @@ class UniPruningModifier(Modifier):
             return []
         return [value] if isinstance(value, str) else value
 
-    @field_validator("sparsity")
+    @model_validator(mode="before")
     @classmethod
-    def _check_sparsity(cls, value):
-        values = value if isinstance(value, list) else [value]
-        if value is not None and (not values or any(not 0.0 <= v < 1.0 for v in values)):
-            raise ValueError(f"sparsity must be in [0, 1) (a float or a non-empty list), got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _check_structure(self) -> "UniPruningModifier":
-        self._n, self._m = parse_mask_structure(self.mask_structure)
-        if self._m:
-            implied = 1.0 - self._n / self._m
-            if isinstance(self.sparsity, list) or (
-                self.sparsity is not None and abs(self.sparsity - implied) > 1e-6
-            ):
-                raise ValueError(
-                    f"sparsity {self.sparsity!r} contradicts mask_structure {self.mask_structure!r}, "
-                    f"which prunes {implied:g} of every layer; leave sparsity out for N:M"
-                )
-            if self.allocation != "layer":
-                raise ValueError(
-                    f"allocation {self.allocation!r} applies to unstructured masks only; "
-                    f"mask_structure {self.mask_structure!r} fixes the budget of every group"
-                )
-        elif self.sparsity is None:
-            raise ValueError("sparsity is required for unstructured masks (a float in [0, 1) or a per-layer list)")
-        if isinstance(self.sparsity, list) and self.allocation in ("global", "owl"):
-            raise ValueError(f"allocation {self.allocation!r} takes one sparsity, not a per-layer list")
-        return self
-
-    @model_validator(mode="after")
-    def _check_sequential_features(self) -> "UniPruningModifier":
-        """dense_target and block_feedback work on layers masked as they are calibrated."""
-        if self.dense_target > 0 and self.reconstruct == "none":
-            raise ValueError(f"dense_target {self.dense_target} needs reconstruct: least_squares; got reconstruct 'none'")
-        for feature in ("dense_target", "block_feedback"):
-            if getattr(self, feature) > 0:
-                self._check_masked_while_calibrating(feature)
-        return self
-
-    def _check_masked_while_calibrating(self, feature: str) -> None:
-        conflicts = {
-            "calibration_inputs": (
-                self.calibration_inputs == "dense" or bool(self.save_saliency),
-                "calibration_inputs 'pruned' and no save_saliency",
-            ),
-            "allocation": (self.allocation in ("global", "owl"), "allocation 'layer' or 'row' (global and owl mask at the end)"),
-        }
-        for field, (conflict, allowed) in conflicts.items():
-            if conflict:
-                raise ValueError(
-                    f"{feature} {getattr(self, feature)} needs layers masked as they are calibrated: {allowed}; "
-                    f"got {field} {getattr(self, field)!r}"
-                )
-
-    @model_validator(mode="after")
-    def _check_saliency_files(self) -> "UniPruningModifier":
-        if self.save_saliency and self.load_saliency:
-            raise ValueError("save_saliency and load_saliency exclude each other (load_saliency does not calibrate)")
-        if self.save_saliency:
-            if self.calibration_inputs == "pruned" and "calibration_inputs" in self.model_fields_set:
+    def _saliency_file_modes(cls, data):
+        """save_saliency calibrates on dense inputs; load_saliency needs no calibration data."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("save_saliency") and not data.get("load_saliency"):
+            if data.get("calibration_inputs", "dense") != "dense":
                 raise ValueError(
                     "save_saliency needs calibration_inputs 'dense': with 'pruned' inputs the saliency of later "
                     "layers depends on the sparsity of earlier ones, so the file would serve one setting only"
                 )
-            self.__dict__["calibration_inputs"] = "dense"
-            parent = Path(self.save_saliency).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise ValueError(f"save_saliency {self.save_saliency!r}: folder {parent} does not exist")
-        if self.load_saliency:
-            if self.reconstruct != "none":
-                raise ValueError(
-                    f"load_saliency prunes without calibration, so reconstruct {self.reconstruct!r} (which "
-                    "needs the calibration inputs of every layer) is not possible; use reconstruct: none"
-                )
-            read_metadata(self.load_saliency)
-            self.__dict__["requires_calibration_data"] = False
+            data["calibration_inputs"] = "dense"
+        if data.get("load_saliency"):
+            data["requires_calibration_data"] = False
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "UniPruningModifier":
+        if self.save_saliency and self.load_saliency:
+            raise ValueError("save_saliency and load_saliency exclude each other (load_saliency does not calibrate)")
+        if self.load_saliency and self.reconstruct != "none":
+            raise ValueError(
+                f"load_saliency prunes without calibration, so reconstruct {self.reconstruct!r} (which "
+                "needs the calibration inputs of every layer) is not possible; use reconstruct: none"
+            )
+        if self.dense_target > 0 and self.reconstruct == "none":
+            raise ValueError(f"dense_target {self.dense_target} needs reconstruct: least_squares; got reconstruct 'none'")
+        for feature in ("dense_target", "block_feedback"):
+            if getattr(self, feature) > 0:
+                if self.calibration_inputs == "dense":
+                    raise ValueError(
+                        f"{feature} {getattr(self, feature)} needs layers masked as they are calibrated: "
+                        "calibration_inputs 'pruned' and no save_saliency; got calibration_inputs 'dense'"
+                    )
+                if self.allocation in ("global", "owl"):
+                    raise ValueError(
+                        f"{feature} {getattr(self, feature)} needs layers masked as they are calibrated: allocation "
+                        f"'layer' or 'row' (global and owl mask at the end); got allocation {self.allocation!r}"
+                    )
         return self
+
+    # ------------------------------------------------------------------ targets
 
     def target_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """Target Linear layers by name; embeddings and lm_head only when a target names them."""
-        embeddings = set()
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            module = getattr(model, getter, lambda: None)()
-            if module is not None:
-                embeddings.add(module)
+        embeddings = {getattr(model, getter, lambda: None)() for getter in ("get_input_embeddings", "get_output_embeddings")}
         found = {}
         for name, module in match_named_modules(model, self.targets, self.ignore):
             if not isinstance(module, torch.nn.Linear):
@@ -283,10 +197,8 @@ class UniPruningModifier(Modifier):
             found[name] = module
         return found
 
-    def check_model(
-        self, model: torch.nn.Module, sequential_targets=None
-    ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-        """Target layers and their sparsity, after checking they fit the recipe.
+    def resolve(self, model: torch.nn.Module, sequential_targets=None) -> tuple[dict[str, torch.nn.Module], MaskPolicy]:
+        """Target layers and their mask policy, after checking they fit the recipe.
 
         Raises ValueError naming the layer (N:M on an input size that is not a multiple of M, a
         per-layer list that does not match the decoder layers, no target at all).
@@ -294,220 +206,153 @@ class UniPruningModifier(Modifier):
         targets = self.target_modules(model)
         if not targets:
             raise ValueError(f"UniPruningModifier: targets {self.targets} (ignore {self.ignore}) match no Linear layer")
-        if self._m:
-            for name, module in targets.items():
-                if module.in_features % self._m:
-                    raise ValueError(
-                        f"UniPruningModifier: layer {name} has {module.in_features} inputs, not a multiple "
-                        f"of {self._m} required by mask_structure {self.mask_structure!r}; add it to ignore"
-                    )
-        return targets, self._sparsity_per_module(model, targets, sequential_targets)
+        _, m = self.nm
+        for name, module in targets.items():
+            if m and module.in_features % m:
+                raise ValueError(
+                    f"UniPruningModifier: layer {name} has {module.in_features} inputs, not a multiple "
+                    f"of {m} required by mask_structure {self.mask_structure!r}; add it to ignore"
+                )
+        layers = [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        return targets, MaskPolicy.build(self, list(targets), layers)
+
+    # ------------------------------------------------------------------ lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        targets, self._layer_sparsity = self.check_model(state.model, kwargs.get("sequential_targets"))
-        self._decoder_layers = self._decoder_layer_names(state.model, kwargs.get("sequential_targets"))
+        sequential_targets = kwargs.get("sequential_targets")
+        self._targets, self._policy = self.resolve(state.model, sequential_targets)
+        self._names = {module: name for name, module in self._targets.items()}
+        modules = dict(state.model.named_modules())
+        self._decoder_layers = {modules[name]: name for name in self._policy.decoder_layers}
         if self.dense_target > 0:
-            self._check_layers_chain(self._decoder_layers)
-        self._groups = self._layer_of(targets, self._decoder_layers)
-        self._modules = targets
-        self._names = {module: name for name, module in targets.items()}
+            _check_layers_chain(self._policy.decoder_layers)
         if self.save_saliency:
-            self._fingerprint = model_fingerprint(targets)
+            folder = Path(self.save_saliency).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ValueError(f"save_saliency {self.save_saliency!r}: folder {folder} does not exist")
+            self._fingerprint = model_fingerprint(self._targets)
         if self.load_saliency:
-            linear = {n: m for n, m in state.model.named_modules() if isinstance(m, torch.nn.Linear)}
-            check_matches(read_metadata(self.load_saliency), list(targets), linear, self.load_saliency)
-            records, _ = load_saliency(self.load_saliency, list(targets))
+            info = read_metadata(self.load_saliency)
+            linear = {n: m for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+            check_matches(info, list(self._targets), linear, self.load_saliency)
+            records, _ = load_saliency(self.load_saliency, list(self._targets), info=info)
             logger.info(f"UniPruning: masks from {self.load_saliency} ({len(records)} layers), no calibration")
-            self._mask_from_records(records)
+            self._apply_masks(self._policy.masks(records), records)
         return True
 
-    @staticmethod
-    def _decoder_layer_names(model, sequential_targets) -> list[str]:
-        """Names of the decoder layers (sequential targets), in model order."""
-        return [name for name, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
-
-    @staticmethod
-    def _check_layers_chain(layers: list[str]) -> None:
-        """dense_target feeds each sequential target's output to the next one, which is right for
-        the decoder layers (``prefix.0`` .. ``prefix.N-1``), not for e.g. attention / MLP targets."""
-        parts = [name.rpartition(".") for name in layers]
-        prefixes = {prefix for prefix, _, _ in parts}
-        if not layers or len(prefixes) != 1 or [index for _, _, index in parts] != [str(i) for i in range(len(layers))]:
-            shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
-            raise ValueError(
-                f"UniPruningModifier: dense_target needs the decoder layers as sequential targets (one list, "
-                f"each layer's output the next one's input); got {shown or 'none'}"
-            )
-
-    @staticmethod
-    def _layer_of(targets, layers: list[str]) -> dict[str, str]:
-        """Target name -> the decoder layer holding it; itself if none does."""
-        return {name: next((layer for layer in layers if name.startswith(layer + ".")), name) for name in targets}
-
-    def _sparsity_per_module(self, model, targets, sequential_targets) -> dict[str, float]:
-        if self._m:
-            return {name: 1.0 - self._n / self._m for name in targets}
-        if not isinstance(self.sparsity, list):
-            return {name: float(self.sparsity) for name in targets}
-        layers = self._decoder_layer_names(model, sequential_targets)
-        if len(layers) != len(self.sparsity):
-            raise ValueError(
-                f"UniPruningModifier: sparsity has {len(self.sparsity)} values but the model has "
-                f"{len(layers)} decoder layers"
-            )
-        index = {layer: i for i, layer in enumerate(layers)}
-        result = {}
-        for name, layer in self._layer_of(targets, layers).items():
-            if layer not in index:
-                raise ValueError(f"UniPruningModifier: {name} is in no decoder layer, so a per-layer sparsity list cannot cover it")
-            result[name] = float(self.sparsity[index[layer]])
-        return result
-
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        self._calibration_hooks = {self.register_hook(module, self._calibrate, "forward") for module in self._names}
-        modules = dict(state.model.named_modules())
+        for module in self._names:
+            self.register_hook(module, self._calibrate, "forward")
         if self.dense_target > 0:
             self._stream = DenseStream(len(self._decoder_layers))
-            self._layer_index = {modules[name]: i for i, name in enumerate(self._decoder_layers)}
-            for layer in self._layer_index:
+        for layer in self._decoder_layers:
+            if self._stream is not None:
                 self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
-        if self.block_feedback > 0:
-            for layer_name in self._decoder_layers:
-                names = [name for name, layer in self._groups.items() if layer == layer_name]
-                if names:
-                    self._block_targets[modules[layer_name]] = names
-                    self.register_hook(modules[layer_name], self._run_feedback, "forward_pre", with_kwargs=True)
-
-    def _run_feedback(self, module: torch.nn.Module, args, kwargs):
-        """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
-        output error under the current masks (none on the first batch: no saliency yet)."""
-        names = self._block_targets[module]
-        if not all(name in self._states for name in names):
-            return
-        if (self._states[names[0]].steps - 1) % self.block_feedback_every:  # steps = this batch's index
-            return
-        masks = {}
-        for name in names:
-            saliency = self._states[name]
-            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self._order)
-            masks[self._modules[name]] = self._layer_mask(name, keys)
-        with HooksMixin.disable_hooks():
-            factors = block_feedback(module, args, kwargs, masks, self.block_feedback)
-        self._feedback.update({self._names[linear]: factor for linear, factor in factors.items()})
-        self._feedback_runs += 1
-
-    def _run_dense(self, module: torch.nn.Module, args, kwargs):
-        """Forward pre-hook of a decoder layer: the same batch through the dense model first; only
-        this modifier's Linear hooks run meanwhile (they keep the dense inputs)."""
-        with HooksMixin.disable_hooks(keep=self._calibration_hooks):
-            self._stream.run(self._layer_index[module], module, args, kwargs)
+            if self.block_feedback > 0 and self._targets_in(layer):
+                self.register_hook(layer, self._run_feedback, "forward_pre", with_kwargs=True)
 
     def _calibrate(self, module: torch.nn.Module, args, _output):
-        """Forward hook: one mirror-descent step of this layer on this batch (during the dense
-        stream's run: only keep the dense input for the re-fit)."""
-        name = self._names[module]
-        inputs = args[0]
-        if self._stream is not None and self._stream.running:
-            self._dense_inputs[name] = inputs
+        """Forward hook of a target Linear: one calibration step of this layer on this batch."""
+        self._calibration(self._names[module], module, args[0].device).observe(module.weight, args[0])
+
+    def _run_dense(self, layer: torch.nn.Module, args, kwargs):
+        """Forward pre-hook of a decoder layer: the same batch through the dense model first,
+        unseen by any hook; the Linear layers' dense inputs wait for their calibration step."""
+        with HooksMixin.disable_hooks():
+            inputs = self._stream.run(self._layer_index(layer), layer, args, kwargs, self._targets_in(layer))
+        modules = {name: module for module, name in self._targets_in(layer).items()}
+        for name, dense in inputs.items():
+            self._calibration(name, modules[name], dense.device).dense_inputs = dense
+
+    def _run_feedback(self, layer: torch.nn.Module, args, kwargs):
+        """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
+        output error under the current masks (none on the first batch: no saliency yet)."""
+        linears = self._targets_in(layer)
+        calibrations = [self._layers.get(name) for name in linears.values()]
+        if not all(c is not None and c.calibrating for c in calibrations):
             return
-        if name not in self._states:
-            self._states[name] = SaliencyState.zeros(module.weight.shape, inputs.device, self._tracks_first_step)
-            self._generators[name] = torch.Generator().manual_seed(self.seed + zlib.crc32(name.encode()))
-        generator = self._generators[name]
-        anchor = local_saliency(
-            self.metric,
-            module.weight,
-            activation_energy(inputs),
-            exponent=self.exponent,
-            beta=self.beta,
-            generator=generator,
-        )
-        factor = self._feedback.pop(name, None)
-        if factor is not None:
-            anchor = anchor * factor.to(anchor.device)
-        mirror_descent_step(self._states[name], anchor, self.kappa, self.lam, generator)
-        if self.reconstruct != "none":
-            gram, count = self._grams.get(name, (None, 0))
-            dense = self._dense_inputs.pop(name, None)
-            if dense is not None:
-                self._crosses[name], _ = accumulate_gram(inputs, self._crosses.get(name), count, paired=dense)
-            self._grams[name] = accumulate_gram(inputs, gram, count)
+        if (calibrations[0].saliency.steps - 1) % self.block_feedback_every:  # steps = this batch's index
+            return
+        masks = {module: self._policy.layer_mask(name, self._policy.keys(self._layers[name].saliency)) for module, name in linears.items()}
+        with HooksMixin.disable_hooks():
+            factors = block_feedback(layer, args, kwargs, masks, self.block_feedback)
+        for module, factor in factors.items():
+            self._layers[linears[module]].feedback = factor
+        self._feedback_runs += 1
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
-        if self._records:
-            if self.save_saliency:
-                self._write_saliency(state.model)
-            records, self._records = self._records, {}
-            self._mask_from_records(records)
-        if self._deferred:
-            self._apply_global_budget()
+        if self.save_saliency and self._waiting:
+            self._write_saliency(state.model)
+        if self._waiting:
+            records, self._waiting = self._waiting, {}
+            self._apply_masks(self._policy.masks(records), records)
         self.remove_hooks()
         self._stream = None
-        if self.block_feedback > 0 and self._feedback_runs == 0 and self._pruned:
-            logger.warning(
-                "UniPruning: block_feedback never ran (no decoder layer was called as a whole with more than "
-                "one batch; it needs the decoder layers as sequential targets)"
+        if self.block_feedback > 0 and self._pruned:
+            if self._feedback_runs:
+                logger.info(f"UniPruning: block_feedback ran {self._feedback_runs} times (decoder layer x batch)")
+            else:
+                logger.warning(
+                    "UniPruning: block_feedback never ran (no decoder layer was called as a whole with more than "
+                    "one batch; it needs the decoder layers as sequential targets)"
+                )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        self.remove_hooks()
+        if self._pruned and isinstance(state.model, PreTrainedModel):
+            mark_sparse(state.model, sorted(self._pruned), structure_name(*self.nm), self.targets, self.ignore)
+        missed = sorted(set(self._targets) - self._pruned)
+        self._layers, self._waiting, self._stream = {}, {}, None
+        if missed:
+            raise RuntimeError(
+                f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
+                f"pruned: {missed[:5]}{' ...' if len(missed) > 5 else ''}"
             )
+        return True
+
+    # ------------------------------------------------------------------ helpers of the hooks
+
+    def _calibration(self, name: str, module: torch.nn.Module, device: torch.device) -> LayerCalibration:
+        """The layer's calibration state, made at its first batch on that batch's device."""
+        if name not in self._layers:
+            self._layers[name] = LayerCalibration(name, module.weight.shape, device, self.calibration_settings())
+        return self._layers[name]
+
+    def calibration_settings(self) -> CalibrationSettings:
+        """What each layer's calibration step needs; first_step is tracked only where a mask (N:M
+        first_step order) or a saliency record uses it."""
+        return CalibrationSettings(
+            self.metric, self.exponent, self.beta, self.kappa, self.lam, self.seed,
+            track_first_step=self.order == "first_step" or self.calibration_inputs == "dense",
+            gram=self.reconstruct != "none",
+        )
+
+    def _targets_in(self, layer: torch.nn.Module) -> dict[torch.nn.Module, str]:
+        """The target Linear layers inside a decoder layer (module -> name)."""
+        prefix = self._decoder_layers[layer] + "."
+        return {module: name for module, name in self._names.items() if name.startswith(prefix)}
+
+    def _layer_index(self, layer: torch.nn.Module) -> int:
+        return list(self._decoder_layers).index(layer)
 
     def _finish_calibrated_layers(self) -> None:
-        """Reduce across ranks, then mask each calibrated layer (or keep its keys for "global")."""
-        for name in list(self._states):
-            saliency = self._states.pop(name)
-            self._generators.pop(name)
-            self._feedback.pop(name, None)
-            all_reduce_state(saliency)
-            if name in self._crosses:
-                self._crosses[name], _ = all_reduce_gram(self._crosses[name], self._grams[name][1])
-            if name in self._grams:
-                self._grams[name] = all_reduce_gram(*self._grams[name])
-            deferred = self.calibration_inputs == "dense" or self._needs_all_layers
-            if deferred and name in self._grams:
-                gram, count = self._grams[name]
-                self._grams[name] = (gram.cpu(), count)
-            if self.calibration_inputs == "dense":
-                record = LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
-                self._records[name] = record.to("cpu", DTYPES[self.saliency_dtype])
-                continue
-            keys = saliency_keys(saliency.gamma, saliency.anchor_mean, saliency.first_step, self._order)
-            if self._needs_all_layers:
-                self._deferred[name] = [k.to("cpu", torch.bfloat16) for k in keys]
-                continue
-            self._apply_mask(name, self._layer_mask(name, keys), saliency.steps)
-
-    @property
-    def _tracks_first_step(self) -> bool:
-        """first_step is kept only where a mask (N:M "first_step" order) or a saliency record uses it."""
-        return self._order == "first_step" or self.calibration_inputs == "dense"  # save_saliency implies dense
-
-    @property
-    def _order(self) -> str:
-        return self.nm_order if self._m else "gamma"
-
-    def _layer_mask(self, name: str, keys: list[torch.Tensor]) -> torch.Tensor:
-        sparsity = self._layer_sparsity[name]
-        if self._m:
-            return nm_mask(keys, self._n, self._m)
-        if self.allocation == "row":
-            return row_mask(keys, sparsity)
-        return unstructured_mask(keys, sparsity)
-
-    def _mask_from_records(self, records: dict[str, LayerSaliency]) -> None:
-        """Mask every layer from its (stored or just calibrated) saliency: the one path shared by
-        ``calibration_inputs: dense`` and ``load_saliency``, so both give the same masks."""
-        if self._needs_all_layers:
-            self._deferred = {n: [k.to("cpu", torch.bfloat16) for k in r.keys(self._order)] for n, r in records.items()}
-            self._apply_global_budget()
-            return
-        for name, record in records.items():
-            self._apply_mask(name, self._layer_mask(name, record.keys(self._order)), record.steps)
+        """Reduce the layers calibrated since the last call across ranks, then mask each (or keep
+        its saliency until every layer is calibrated, for a saliency file or a global budget)."""
+        for name in [name for name, calibration in self._layers.items() if calibration.calibrating]:
+            calibration = self._layers[name]
+            record = calibration.finish()
+            if self.calibration_inputs == "dense" or self._policy.needs_all_layers:
+                dtype = STORAGE_DTYPES[self.saliency_dtype] if self.calibration_inputs == "dense" else torch.bfloat16
+                self._waiting[name] = record.to("cpu", dtype)
+                calibration.offload()
+            else:
+                self._apply_masks({name: self._policy.layer_mask(name, self._policy.keys(record))}, {name: record})
 
     def _write_saliency(self, model: torch.nn.Module) -> None:
-        from . import __version__
-
         settings = ("metric", "kappa", "lam", "beta", "exponent", "seed", "targets", "ignore", "calibration_inputs")
         metadata = {
             "model": getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -515,66 +360,40 @@ class UniPruningModifier(Modifier):
             "calibration": {key: getattr(self, key) for key in settings},
             "unipruning_modifier": __version__,
         }
-        save_saliency(self.save_saliency, self._records, metadata, self.saliency_dtype)
-        logger.info(f"UniPruning: saliency of {len(self._records)} layers written to {self.save_saliency}")
+        save_saliency(self.save_saliency, self._waiting, metadata, self.saliency_dtype)
+        logger.info(f"UniPruning: saliency of {len(self._waiting)} layers written to {self.save_saliency}")
 
-    @property
-    def _needs_all_layers(self) -> bool:
-        """The "global" and "owl" budgets need every layer's saliency before any mask."""
-        return self.allocation in ("global", "owl")
-
-    def _apply_global_budget(self) -> None:
-        """Masks for "global" (one threshold on |Gamma|) or "owl" (per-decoder-layer sparsity
-        from the outlier ratio of the mean anchors, the second ranking key)."""
-        if self.allocation == "owl":
-            anchors = {n: keys[1] for n, keys in self._deferred.items()}
-            sparsity = owl_sparsity(anchors, self._groups, float(self.sparsity), self.owl_lambda, self.owl_threshold)
-            masks = {n: unstructured_mask([k.float() for k in keys], sparsity[n]) for n, keys in self._deferred.items()}
-        else:
-            keep = global_allocation({n: keys[0] for n, keys in self._deferred.items()}, float(self.sparsity), self.clamp)
-            masks = {n: unstructured_mask([k.float() for k in keys], keep=keep[n]) for n, keys in self._deferred.items()}
-        for name, mask in masks.items():
-            self._apply_mask(name, mask, None)
-        self._deferred = {}
-
-    def _apply_mask(self, name: str, mask: torch.Tensor, steps: int | None) -> None:
+    def _apply_masks(self, masks: dict[str, torch.Tensor], records: dict[str, LayerSaliency]) -> None:
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
         ``reconstruct`` re-fits them to the layer's calibration outputs."""
-        gram, _ = self._grams.pop(name, (None, 0))
-        cross = self._crosses.pop(name, None)
-        if gram is not None and cross is None and self.dense_target > 0:
-            logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
-        module = self._modules[name]
-        with torch.no_grad(), align_module_device(module):
-            weight = module.weight
-            mask = mask.to(weight.device)
-            if gram is None:
-                pruned = weight.masked_fill(~mask, 0)
-            else:
-                iterations = self.reconstruct_iterations or default_iterations(weight.shape[1])
-                fitted = least_squares(
-                    weight, gram.to(weight.device), mask, self.damping, iterations, self.reconstruct_tolerance,
-                    cross=None if cross is None else torch.lerp(gram, cross, self.dense_target).to(weight.device),
-                )
-                pruned = fitted.to(weight.dtype).masked_fill(~mask, 0)
-        update_offload_parameter(module, "weight", pruned)
-        self._pruned.add(name)
-        achieved = 1.0 - mask.sum().item() / mask.numel()
-        batches = f" from {steps} batches" if steps is not None else ""
-        logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{batches}")
+        refit = RefitSettings(self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target)
+        for name, mask in masks.items():
+            calibration = self._layers.pop(name, None)
+            if calibration is not None and calibration.gram is not None and calibration.cross is None and self.dense_target > 0:
+                logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
+            module = self._targets[name]
+            with torch.no_grad(), align_module_device(module):
+                weight = module.weight
+                mask = mask.to(weight.device)
+                if calibration is None or calibration.gram is None:
+                    pruned = weight.masked_fill(~mask, 0)
+                else:
+                    pruned = calibration.refit(weight, mask, refit).to(weight.dtype).masked_fill(~mask, 0)
+            update_offload_parameter(module, "weight", pruned)
+            self._pruned.add(name)
+            achieved = 1.0 - mask.sum().item() / mask.numel()
+            steps = records[name].steps if not self._policy.needs_all_layers else None
+            logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {steps} batches' if steps is not None else ''}")
 
-    def on_finalize(self, state: State, **kwargs) -> bool:
-        self.remove_hooks()
-        if self._pruned and isinstance(state.model, PreTrainedModel):
-            structure = f"{self._n}:{self._m}" if self._m else "unstructured"
-            mark_sparse(state.model, sorted(self._pruned), structure, self.targets, self.ignore)
-        missed = sorted(set(self._names.values()) - self._pruned)
-        self._states, self._generators, self._deferred, self._grams, self._records = {}, {}, {}, {}, {}
-        self._crosses, self._dense_inputs, self._stream, self._layer_index = {}, {}, None, {}
-        self._block_targets, self._feedback = {}, {}
-        if missed:
-            raise RuntimeError(
-                f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
-                f"pruned: {missed[:5]}{' ...' if len(missed) > 5 else ''}"
-            )
-        return True
+
+def _check_layers_chain(layers: list[str]) -> None:
+    """dense_target feeds each sequential target's output to the next one, which is right for
+    the decoder layers (``prefix.0`` .. ``prefix.N-1``), not for e.g. attention / MLP targets."""
+    parts = [name.rpartition(".") for name in layers]
+    prefixes = {prefix for prefix, _, _ in parts}
+    if not layers or len(prefixes) != 1 or [index for _, _, index in parts] != [str(i) for i in range(len(layers))]:
+        shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
+        raise ValueError(
+            f"UniPruningModifier: dense_target needs the decoder layers as sequential targets (one list, "
+            f"each layer's output the next one's input); got {shown or 'none'}"
+        )

@@ -8,12 +8,13 @@ on that). See docs/algorithm.md for the formulas.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
 from .device import to_device
 
-METRICS = ("stochastic_ria", "ria", "wanda")
+Metric = Literal["stochastic_ria", "ria", "wanda"]
 
 # Exponent a of the activation term s_j^a, per metric, as in the authors' scripts.
 DEFAULT_EXPONENTS = {"stochastic_ria": 0.35, "ria": 0.5, "wanda": 0.5}
@@ -95,8 +96,8 @@ def local_saliency(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The normalised anchor S_b of one batch for a 2-D weight, in fp32."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric not in get_args(Metric):
+        raise ValueError(f"metric must be one of {get_args(Metric)}, got {metric!r}")
     if exponent is None:
         exponent = DEFAULT_EXPONENTS[metric]
     abs_weight = weight.detach().float().abs()

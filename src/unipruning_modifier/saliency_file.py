@@ -3,7 +3,7 @@
 A saliency file is one safetensors file holding, for every target layer ``P`` of a calibration,
 ``P.gamma`` (the saliency Γ), ``P.anchor_mean`` (the tie-break key) and ``P.first_step`` (the
 batch at which each weight entered the path, int32), which is everything a mask needs
-(masks.saliency_keys). Its metadata (``"unipruning"``: a JSON string) names the model, a
+(mask_policy.MaskPolicy.keys). Its metadata (``"unipruning"``: a JSON string) names the model, a
 fingerprint of its target weights, every layer's shape and the calibration settings, so a file
 is refused, naming the layer, when it does not belong to the model it is applied to.
 """
@@ -20,12 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .masks import saliency_keys
-
 FORMAT = "unipruning-saliency"
 VERSION = 1
 PARAMS = ("gamma", "anchor_mean", "first_step")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _SAMPLES_PER_LAYER = 4096
 
 
@@ -39,17 +37,13 @@ class LayerSaliency:
 
     gamma: torch.Tensor
     anchor_mean: torch.Tensor
-    first_step: torch.Tensor
+    first_step: torch.Tensor | None  # None where the calibration did not track it
     steps: int | None = None
 
-    def keys(self, order: str) -> list[torch.Tensor]:
-        """Ranking keys for masks.* (``order`` "gamma" or "first_step")."""
-        return saliency_keys(self.gamma.float(), self.anchor_mean.float(), self.first_step, order)
-
     def to(self, device="cpu", dtype: torch.dtype = torch.float32) -> "LayerSaliency":
-        return LayerSaliency(
-            self.gamma.to(device, dtype), self.anchor_mean.to(device, dtype), self.first_step.to(device), self.steps
-        )
+        """A copy with Gamma and the anchor mean in ``dtype`` on ``device``."""
+        first_step = None if self.first_step is None else self.first_step.to(device)
+        return LayerSaliency(self.gamma.to(device, dtype), self.anchor_mean.to(device, dtype), first_step, self.steps)
 
 
 def model_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
@@ -79,13 +73,13 @@ def save_saliency(path: str | os.PathLike, layers: dict[str, LayerSaliency], met
     ``dtype`` ("float32" or "bfloat16") is the storage dtype of gamma and anchor_mean; masks are
     always taken from the stored values, so a bf16 file prunes the same way every time.
     """
-    if dtype not in DTYPES:
-        raise SaliencyFileError(f"saliency dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise SaliencyFileError(f"saliency dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     path = Path(path)
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{name}.gamma"] = layer.gamma.to("cpu", DTYPES[dtype]).contiguous()
-        tensors[f"{name}.anchor_mean"] = layer.anchor_mean.to("cpu", DTYPES[dtype]).contiguous()
+        tensors[f"{name}.gamma"] = layer.gamma.to("cpu", STORAGE_DTYPES[dtype]).contiguous()
+        tensors[f"{name}.anchor_mean"] = layer.anchor_mean.to("cpu", STORAGE_DTYPES[dtype]).contiguous()
         tensors[f"{name}.first_step"] = layer.first_step.to("cpu", torch.int32).contiguous()
     info = {
         "format": FORMAT,
@@ -120,9 +114,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return info
 
 
-def load_saliency(path: str | os.PathLike, names: list[str] | None = None, device="cpu") -> tuple[dict[str, LayerSaliency], dict]:
-    """The saliency of ``names`` (default: every layer in the file) and the file's metadata."""
-    info = read_metadata(path)
+def load_saliency(
+    path: str | os.PathLike, names: list[str] | None = None, device="cpu", info: dict | None = None
+) -> tuple[dict[str, LayerSaliency], dict]:
+    """The saliency of ``names`` (default: every layer in the file) and the file's metadata
+    (``info``, when the caller already read it with ``read_metadata``)."""
+    info = read_metadata(path) if info is None else info
     names = list(info["layers"]) if names is None else names
     layers = {}
     with safe_open(str(path), "pt", device=str(device)) as handle:

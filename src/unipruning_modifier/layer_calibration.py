@@ -1,0 +1,110 @@
+"""What one target Linear accumulates while it is calibrated, in one object.
+
+A ``LayerCalibration`` is made at the layer's first calibration batch, on that batch's device.
+Per batch it takes the layer's inputs (and, with ``dense_target``, the dense model's inputs of
+the same tokens; with ``block_feedback``, a factor for the anchor): one mirror-descent step of
+the saliency (mirror_descent.py, anchored by saliency.py) and, for the re-fit, running means of
+the Gram matrix XᵀX and the cross matrix XᵀD (reconstruction.py). ``finish`` reduces all of it
+across data-parallel ranks and returns the saliency record a mask is taken from; ``refit``
+re-fits the kept weights once the mask is known.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
+from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
+from .saliency import activation_energy, local_saliency
+from .saliency_file import LayerSaliency
+
+__all__ = ["CalibrationSettings", "LayerCalibration", "RefitSettings"]
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The recipe fields one calibration step needs."""
+
+    metric: str
+    exponent: float | None
+    beta: float
+    kappa: float
+    lam: float
+    seed: int
+    track_first_step: bool  # only where a mask (N:M first_step order) or a saliency file uses it
+    gram: bool  # keep XᵀX for a re-fit
+
+
+@dataclass(frozen=True)
+class RefitSettings:
+    """The recipe fields of the least-squares re-fit."""
+
+    damping: float
+    iterations: int | None
+    tolerance: float
+    dense_target: float
+
+
+class LayerCalibration:
+    """Saliency state, its generator and the re-fit statistics of one target Linear."""
+
+    def __init__(self, name: str, shape: torch.Size, device: torch.device, settings: CalibrationSettings):
+        self.name = name
+        self.settings = settings
+        self.saliency: SaliencyState | None = SaliencyState.zeros(shape, device, settings.track_first_step)
+        self.generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(name.encode()))
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tokens = 0
+        self.dense_inputs: torch.Tensor | None = None  # the next batch's inputs in the dense model
+        self.feedback: torch.Tensor | None = None  # the next batch's anchor factor (block_feedback)
+
+    @property
+    def calibrating(self) -> bool:
+        """True until ``finish``."""
+        return self.saliency is not None
+
+    def observe(self, weight: torch.Tensor, inputs: torch.Tensor) -> None:
+        """One calibration batch: a mirror-descent step and, for a re-fit, the Gram matrices."""
+        s = self.settings
+        anchor = local_saliency(
+            s.metric, weight, activation_energy(inputs), exponent=s.exponent, beta=s.beta, generator=self.generator
+        )
+        if self.feedback is not None:
+            anchor = anchor * self.feedback.to(anchor.device)
+            self.feedback = None
+        mirror_descent_step(self.saliency, anchor, s.kappa, s.lam, self.generator)
+        dense, self.dense_inputs = self.dense_inputs, None
+        if s.gram:
+            if dense is not None:
+                self.cross, _ = accumulate_gram(inputs, self.cross, self.tokens, paired=dense)
+            self.gram, self.tokens = accumulate_gram(inputs, self.gram, self.tokens)
+
+    def finish(self) -> LayerSaliency:
+        """End calibration: reduce the state across ranks, return the saliency record (on the
+        state's device, fp32) and drop the state."""
+        saliency, self.saliency = self.saliency, None
+        self.feedback = None
+        all_reduce_state(saliency)
+        if self.cross is not None:
+            self.cross, _ = all_reduce_gram(self.cross, self.tokens)
+        if self.gram is not None:
+            self.gram, self.tokens = all_reduce_gram(self.gram, self.tokens)
+        return LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
+
+    def offload(self) -> None:
+        """Move the Gram matrix to the CPU while the layer waits for its mask."""
+        if self.gram is not None:
+            self.gram = self.gram.cpu()
+
+    def refit(self, weight: torch.Tensor, mask: torch.Tensor, settings: RefitSettings) -> torch.Tensor:
+        """The kept weights re-fitted by least squares (fp32), aimed ``dense_target`` of the way at
+        the dense model's outputs when the cross matrix was gathered; pruned weights 0."""
+        cross = None if self.cross is None else torch.lerp(self.gram, self.cross, settings.dense_target).to(weight.device)
+        iterations = settings.iterations or default_iterations(weight.shape[1])
+        return least_squares(
+            weight, self.gram.to(weight.device), mask, settings.damping, iterations, settings.tolerance, cross=cross
+        )
