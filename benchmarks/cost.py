@@ -28,6 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from plot import cost_vs_size  # noqa: E402
+
 METHODS = {
     "wanda": ["--methods", "wanda"],
     "sparsegpt": ["--methods", "sparsegpt"],
@@ -62,36 +64,6 @@ def run(model: Path, method: str, args) -> dict:
     return json.loads(lines[-1])
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    depth = min(r["layers"] for r in rows)
-    rows = [r for r in rows if r["layers"] == depth]  # the width sweep; depths are in the table
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in dict.fromkeys(r["cost_method"] for r in rows):
-        points = sorted((r["params"], r["seconds"], r["peak_memory_mb"]) for r in rows
-                        if r["cost_method"] == method and r.get("seconds") is not None)
-        if not points:
-            continue
-        params = [p[0] / 1e6 for p in points]
-        axes[0].plot(params, [p[1] for p in points], marker="o", label=method)
-        axes[1].plot(params, [p[2] for p in points], marker="o", label=method)
-    for ax, label in zip(axes, ("calibration seconds", "peak memory (MiB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    device = rows[0].get("device", "?") if rows else "?"
-    fig.suptitle(f"pruning cost at 50% unstructured, {depth} decoder layers of growing width ({device})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def main(argv=None) -> int:
     import contextlib
 
@@ -113,7 +85,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.replot:
         rows = [json.loads(line) for line in Path(args.replot).read_text().splitlines() if line.strip()]
-        plot(rows, args.plot or "cost.png")
+        cost_vs_size(rows, args.plot or "cost.png")
         return 0
 
     from make_llama import build
@@ -139,7 +111,7 @@ def main(argv=None) -> int:
     if output:
         output.close()
     if args.plot:
-        plot(rows, args.plot)
+        cost_vs_size(rows, args.plot)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -24,31 +24,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-import quality
-from quality import SHARED, Config, default_text, log, release
+import harness
+from harness import Benchmark, Config, log, release
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
     from llmcompressor.core import reset_session
 
     from unipruning_modifier import UniPruningModifier
-    from unipruning_modifier import data as updata
+    from unipruning_modifier import evaluation
 
 IGNORE = ["re:.*lm_head"]
 
 
 def fields(config: Config) -> dict:
     if config.structured:
-        return {"mask_structure": f"{config.n}:{config.m}"}
+        return {"mask_structure": config.text}
     return {"sparsity": config.sparsity}
 
 
-class ExtractBenchmark(quality.Benchmark):
-    def __init__(self, args):
-        args.unipruning_args = []
-        args.heldout = None
-        super().__init__(args)
-
+class ExtractBenchmark(Benchmark):
     def run_oneshot(self, modifier, calibrate: bool):
         model = self.load()
         cost = self.timed_oneshot(model, [modifier], calibrate)
@@ -72,10 +67,10 @@ class ExtractBenchmark(quality.Benchmark):
                 UniPruningModifier(ignore=IGNORE, load_saliency=str(saliency), **fields(config)), False
             )
             state = {k: v.detach().cpu().clone() for k, v in extracted.state_dict().items()}
-            sparsity = quality.evaluation.total_sparsity(extracted, quality.target_names(extracted))
+            sparsity = evaluation.total_sparsity(extracted, harness.target_names(extracted))
             ppl = None
             if self.args.eval_tokens:
-                ppl = quality.evaluation.perplexity(extracted, self.eval_tokens, self.args.eval_window, self.args.eval_tokens)
+                ppl = evaluation.perplexity(extracted, self.eval_tokens, self.args.eval_window, self.args.eval_tokens)
             del extracted
             release(self.device)
             log(f"{config}: fresh calibration")
@@ -98,27 +93,15 @@ class ExtractBenchmark(quality.Benchmark):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("model", help="local Hugging Face causal LM folder ('demo' = the vendored demo model)")
+    harness.add_common_arguments(parser)
     parser.add_argument("--configs", nargs="+", default=["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "2:4", "4:8"])
-    parser.add_argument("--calib", default=default_text(str(SHARED / "data" / "calib.txt"), updata.demo_calibration_text))
-    parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text))
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-window", type=int, default=1024)
-    parser.add_argument("--eval-tokens", type=int, default=0, help="perplexity of each extracted model (0: skip)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", choices=sorted(quality.DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
-    parser.add_argument("--label", default=None)
+    parser.set_defaults(eval_tokens=0)  # perplexity of each extracted model only when asked
     args = parser.parse_args(argv)
-    if args.model == "demo":
-        args.model = updata.demo_model_path()
     try:
         args.configs = [Config(c) for c in args.configs]
     except ValueError as error:
         parser.error(str(error))
-    return args
+    return harness.finish_common_arguments(parser, args)
 
 
 def run(args) -> int:
@@ -129,7 +112,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return quality.script_main(parse_args, run, argv)
+    return harness.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

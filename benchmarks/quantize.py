@@ -27,8 +27,8 @@ import contextlib
 import sys
 from pathlib import Path
 
-import quality
-from quality import SHARED, default_text, log, release, target_names
+import harness
+from harness import Benchmark, log, release, target_names
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch
@@ -38,8 +38,7 @@ with contextlib.redirect_stdout(sys.stderr):
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from unipruning_modifier import MaskedGPTQModifier
-    from unipruning_modifier import data as updata
-    from unipruning_modifier.cli import BUILTIN_RECIPES
+    from unipruning_modifier.cli.recipes import BUILTIN_RECIPES
 
 QUANTIZERS = ("rtn", "gptq", "masked_gptq", "masked_gptq_kept")
 
@@ -77,11 +76,10 @@ def pattern_report(model, names: list[str], pruned: dict[str, torch.Tensor]) -> 
     return {"groups_over_2": over / groups, "pruned_refilled": refilled / max(pruned_total, 1)}
 
 
-class QuantBenchmark(quality.Benchmark):
-    """quality.Benchmark's data, loading, evaluation and JSON lines; prune once, quantize many."""
+class QuantBenchmark(Benchmark):
+    """The harness's data, loading, evaluation and JSON lines; prune once, quantize many."""
 
     def __init__(self, args):
-        args.unipruning_args = []
         super().__init__(args)
         self.pruned_state: dict[str, torch.Tensor] | None = None
         self.pruned_zeros: dict[str, torch.Tensor] = {}
@@ -129,33 +127,15 @@ def parse_args(argv=None):
         description="Prune once, then compare quantizers: perplexity and whether the 2:4 mask survives.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="local Hugging Face causal LM folder ('demo' = the vendored demo model)")
+    harness.add_common_arguments(parser)
     parser.add_argument("--scheme", default="W4A16", help="llm-compressor preset scheme (W4A16, W8A8, FP8_DYNAMIC, ...)")
     parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS, metavar="Q",
                         help=f"any of {', '.join(QUANTIZERS)}")
     parser.add_argument("--prune-recipe", default=str(BUILTIN_RECIPES / "uni_24.yaml"), help="pruning recipe (2:4)")
-    parser.add_argument("--calib", default=default_text(str(SHARED / "data" / "calib.txt"), updata.demo_calibration_text),
-                        metavar="TEXT_FILE", help="calibration text")
-    parser.add_argument("--eval", default=default_text(str(SHARED / "data" / "dev_eval.txt"), updata.demo_eval_text),
-                        metavar="TEXT_FILE", help="evaluation text")
-    parser.add_argument("--heldout", default=None, metavar="TEXT_FILE", help="a second held-out text (adds ppl_heldout)")
-    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=512, help="calibration window length (tokens)")
-    parser.add_argument("--eval-window", type=int, default=1024, help="perplexity window (tokens)")
-    parser.add_argument("--eval-tokens", type=int, default=131072, help="evaluation tokens used at most")
-    parser.add_argument("--device", default=None, help="cuda, npu or cpu (None: CUDA, then NPU, then CPU)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(quality.DTYPES), help="dtype the model is loaded in")
-    parser.add_argument("--seed", type=int, default=0, help="calibration windows and batch order")
-    parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
-    parser.add_argument("--label", default=None, help="free text added to every line")
     args = parser.parse_args(argv)
-    if args.model == "demo":
-        args.model = updata.demo_model_path()
-    if not Path(args.model).is_dir():
-        parser.error(f"model {args.model!r} is not a local folder")
     if not Path(args.prune_recipe).is_file():
         parser.error(f"--prune-recipe {args.prune_recipe!r} is not a file")
-    return args
+    return harness.finish_common_arguments(parser, args)
 
 
 def run(args) -> int:
@@ -168,7 +148,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return quality.script_main(parse_args, run, argv)
+    return harness.script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from quality import RESULTS, Config, default_text, SHARED, script_main
+from harness import RESULTS, SHARED, Config, default_text, script_main
 
 with contextlib.redirect_stdout(sys.stderr):
     import torch

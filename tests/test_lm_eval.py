@@ -11,7 +11,7 @@ import torch
 from unipruning_modifier import UniPruningModifier
 from unipruning_modifier.checkpoint import sparse_config_of
 from unipruning_modifier.cli import main
-from unipruning_modifier.lm_evaluation import cloze_items
+from unipruning_modifier.evaluation.harness import cloze_items
 
 from .conftest import load, run_oneshot
 

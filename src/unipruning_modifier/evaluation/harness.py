@@ -20,7 +20,7 @@ import random
 import re
 from pathlib import Path
 
-from . import data
+from .. import data
 
 DEMO_PPL = "unipruning_demo_ppl"
 DEMO_MC = "unipruning_demo_mc"

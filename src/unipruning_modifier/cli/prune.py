@@ -1,0 +1,171 @@
+"""``unipruning prune``: prune a model with a recipe, measure it, save the checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import data
+from .common import DTYPE_CHOICES, UsageError, log, positive, select
+from .model_io import check_model_path, check_output, load_model, save_checkpoint
+from .recipes import load_recipe, resolve_recipe
+
+__all__ = ["add_parser", "print_summary", "run"]
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "prune", help="prune a model with a recipe and save it", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", help="local folder or hub id (default: the built-in demo model)")
+    parser.add_argument("--recipe", default="uni_24", help="YAML file or built-in recipe name (unipruning recipes lists them)")
+    parser.add_argument("--dataset", help="calibration text file or HF dataset name[:config] (default: built-in text)")
+    parser.add_argument("--eval-text", help="held-out text file for perplexity (default: built-in text)")
+    parser.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output (and --save-saliency) if it exists")
+    parser.add_argument(
+        "--save-format", choices=("sparse", "dense"), default="sparse",
+        help="sparse: pruned layers as sparse-24-bitmask / sparse-bitmask; dense: zeros in dense tensors",
+    )
+    parser.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128; demo 64)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512; demo 256)")
+    parser.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens")
+    parser.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load dtype (auto: fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    parser.add_argument(
+        "--save-saliency", metavar="FILE",
+        help="also write the calibrated saliency to FILE (safetensors; calibrates every layer on dense inputs) "
+        "for unipruning extract",
+    )
+    parser.set_defaults(run=run, report=print_summary)
+
+
+def check_saliency_output(value: str, overwrite: bool) -> str:
+    path = Path(value).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise UsageError(f"--save-saliency {value} exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise UsageError(f"--save-saliency {value}: folder {path.parent} does not exist")
+    return str(path)
+
+
+def with_saved_saliency(recipe, path: str, recipe_path: str):
+    """The recipe's single UniPruningModifier set to write its saliency to ``path``."""
+    from ..modifier import UniPruningModifier
+
+    indices = [i for i, m in enumerate(recipe.modifiers) if isinstance(m, UniPruningModifier)]
+    if len(indices) != 1:
+        raise UsageError(f"--save-saliency needs exactly one UniPruningModifier in --recipe {recipe_path}, found {len(indices)}")
+    index = indices[0]
+    fields = recipe.modifiers[index].model_dump(exclude_unset=True)
+    fields.pop("calibration_inputs", None)
+    # a saliency file serves any sparsity: every layer calibrates on the dense model's activations,
+    # so there is no drift to correct and no mask yet to take feedback from
+    fields.pop("dense_target", None)
+    fields.pop("block_feedback", None)
+    try:
+        recipe.modifiers[index] = UniPruningModifier.model_validate({**fields, "save_saliency": path})
+    except ValueError as error:
+        raise UsageError(f"--save-saliency with --recipe {recipe_path}: {error}") from error
+    return recipe
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate everything, then load, measure, prune, measure, save."""
+    demo = args.model is None
+    model_id = data.demo_model_path() if demo else check_model_path(args.model)
+    dataset = args.dataset or data.demo_calibration_text()
+    eval_path = args.eval_text or data.demo_eval_text()
+    num_samples = positive("--num-samples", (64 if demo else 128) if args.num_samples is None else args.num_samples)
+    seq_len = positive("--seq-len", (256 if demo else 512) if args.seq_len is None else args.seq_len, 2)
+    positive("--eval-window", args.eval_window, 2)
+    positive("--eval-tokens", args.eval_tokens, args.eval_window)
+    output = check_output(args.output, args.overwrite)
+    saliency_path = check_saliency_output(args.save_saliency, args.overwrite) if args.save_saliency else None
+    recipe_path = resolve_recipe(args.recipe)
+
+    from ..modifier import UniPruningModifier  # imported before the recipe is parsed, which names it
+    from ..device import PeakMemory, timed
+    from ..evaluation import layer_sparsity, perplexity, total_sparsity
+
+    device = select(args.device)
+    recipe = load_recipe(recipe_path)
+    if saliency_path:
+        recipe = with_saved_saliency(recipe, saliency_path, recipe_path)
+    texts = {}
+    for flag, source in (("--dataset", dataset), ("--eval-text", eval_path)):
+        try:
+            texts[flag] = data.read_text(source)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{flag}: {error}") from error
+
+    from llmcompressor import oneshot
+
+    model, tokenizer, saved_dtype = load_model(model_id, args, device)
+    calibration = data.calibration_dataset(tokenizer, texts["--dataset"], num_samples, seq_len, args.seed)
+    eval_tokens = data.token_stream(tokenizer, texts["--eval-text"])
+    if eval_tokens.numel() < args.eval_window:
+        raise UsageError(f"--eval-text {eval_path}: {eval_tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
+    pruners = [m for m in recipe.modifiers if isinstance(m, UniPruningModifier)]
+    try:
+        targets = sorted({name for m in pruners for name in m.resolve(model)[0]})
+    except ValueError as error:
+        raise UsageError(f"--recipe {recipe_path}: {error}") from error
+
+    log("perplexity of the dense model")
+    ppl_dense = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)
+    with PeakMemory(device) as memory, timed(device) as clock:
+        model = oneshot(
+            model=model,
+            dataset=calibration,
+            recipe=recipe,
+            processor=tokenizer,
+            num_calibration_samples=len(calibration),
+            max_seq_length=seq_len,
+            pipeline="sequential",
+            shuffle_calibration_samples=False,  # windows are already drawn at random with --seed
+        )
+    log("perplexity of the pruned model")
+    ppl_pruned = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)
+    per_layer = layer_sparsity(model, targets)
+
+    checkpoint_mb = save_checkpoint(model, tokenizer, output, args.save_format, saved_dtype)
+    return {
+        "model": str(model_id),
+        "recipe": recipe_path,
+        "output": str(output),
+        "saliency": saliency_path,
+        "device": str(device),
+        "num_samples": len(calibration),
+        "seq_len": seq_len,
+        "sparsity": total_sparsity(model, targets),
+        "layer_sparsity": per_layer,
+        "ppl_dense": ppl_dense,
+        "ppl_pruned": ppl_pruned,
+        "checkpoint_mb": checkpoint_mb,
+        "seconds": clock["seconds"],
+        "peak_memory_mb": memory.peak_mb,
+        "rss_peak_mb": memory.rss_peak_mb,
+        "device_peak_mb": memory.device_peak_mb,
+    }
+
+
+def print_layer_sparsity(result: dict) -> None:
+    """The per-layer table and the total, shared with ``extract``'s report."""
+    width = max((len(n) for n in result["layer_sparsity"]), default=10)
+    for name, value in result["layer_sparsity"].items():
+        print(f"  {name:<{width}}  {value:7.2%}")
+    print(f"  {'total (target layers)':<{width}}  {result['sparsity']:7.2%}")
+
+
+def print_summary(result: dict) -> None:
+    print(f"Pruned {result['model']} with {result['recipe']} -> {result['output']}")
+    print_layer_sparsity(result)
+    print(
+        f"perplexity {result['ppl_dense']:.3f} dense -> {result['ppl_pruned']:.3f} pruned; "
+        f"pruning took {result['seconds']:.1f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
+        f"({result['num_samples']} x {result['seq_len']} calibration tokens on {result['device']})"
+    )
