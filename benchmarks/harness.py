@@ -61,8 +61,8 @@ class Config:
     def __init__(self, text: str):
         self.text = text.strip()
         if ":" in self.text:
-            self.n, self.m = parse_mask_structure(self.text)
-            self.sparsity = 1.0 - self.n / self.m
+            self.n, self.m = parse_mask_structure(self.text)  # N pruned of every M
+            self.sparsity = self.n / self.m
         else:
             try:
                 self.sparsity = float(self.text)

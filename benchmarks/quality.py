@@ -50,7 +50,7 @@ def magnitude_prune(model: torch.nn.Module, names: list[str], config: Config) ->
             groups = score.reshape(weight.shape[0], -1, config.m)
             order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(groups, dtype=torch.bool)
-            keep.scatter_(-1, order[..., : config.m - round(config.sparsity * config.m)], True)
+            keep.scatter_(-1, order[..., : config.m - config.n], True)
             keep = keep.reshape(weight.shape)
         else:
             total = score.numel()
@@ -123,7 +123,7 @@ class QualityBenchmark(Benchmark):
                 checks["sparsity_warning"] = message
                 log(f"WARNING {method} {config}: {message}")
             if config.structured:
-                kept = config.m - round(config.sparsity * config.m)
+                kept = config.m - config.n
                 ok = harness.nm_pattern_ok(model, names, kept, config.m)
                 checks["nm_pattern_ok"] = ok
                 if not ok:

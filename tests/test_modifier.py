@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pydantic
 import pytest
+import torch
 import yaml
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.recipe import Recipe
@@ -128,3 +129,54 @@ def test_recipe_comments_match_fields():
 )
 def test_first_step_is_tracked_only_where_used(fields, tracked):
     assert UniPruningModifier(**fields).calibration_settings().track_first_step is tracked
+
+
+@pytest.mark.parametrize("structure, pruned", [("1:4", 0.25), ("3:4", 0.75), ("2:4", 0.5), ("2:8", 0.25)])
+def test_nm_means_n_pruned_of_every_m_like_llm_compressor(structure, pruned):
+    """One recipe string, one meaning: "N:M" prunes N of every M for UniPruning as for Wanda/SparseGPT."""
+    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+    assert WandaPruningModifier(sparsity=pruned, mask_structure=structure)._prune_n == int(structure[0])
+    assert UniPruningModifier(mask_structure=structure, sparsity=pruned).mask_structure == structure
+    if pruned != 0.5:  # the other convention's sparsity is refused
+        with pytest.raises(ValueError, match="contradicts mask_structure"):
+            UniPruningModifier(mask_structure=structure, sparsity=1 - pruned)
+
+
+def test_nm_policy_keeps_m_minus_n_per_group():
+    from unipruning_modifier.mask_policy import MaskPolicy
+
+    keys = [torch.rand(6, 16)]
+    for structure, kept in (("1:4", 3), ("3:4", 1), ("2:8", 6)):
+        modifier = UniPruningModifier(mask_structure=structure)
+        policy = MaskPolicy.build(modifier, ["layer"], [])
+        mask = policy.layer_mask("layer", keys)
+        m = int(structure[-1])
+        assert torch.all(mask.reshape(6, -1, m).sum(-1) == kept), structure
+        assert policy.sparsity["layer"] == pytest.approx(1 - kept / m)
+
+
+@pytest.mark.parametrize(
+    "theirs, ours",
+    [
+        ({"sparsity_profile": "owl", "owl_m": 3, "owl_lmbda": 0.05}, {"allocation": "owl", "owl_threshold": 3.0, "owl_lambda": 0.05}),
+        ({"sparsity_profile": "OWL"}, {"allocation": "owl"}),
+        ({"sparsity_profile": None}, {"allocation": "layer"}),
+    ],
+)
+def test_llm_compressor_owl_spelling_is_accepted(theirs, ours):
+    modifier = UniPruningModifier(sparsity=0.7, **theirs)
+    assert {key: getattr(modifier, key) for key in ours} == ours
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"sparsity_profile": "flat"}, "the only profile is 'owl'"),
+        ({"sparsity_profile": "owl", "allocation": "global"}, "contradicts allocation 'global'"),
+        ({"owl_m": 3, "owl_threshold": 4}, "not both"),
+    ],
+)
+def test_llm_compressor_owl_spelling_conflicts_name_the_fields(fields, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        UniPruningModifier(sparsity=0.7, **fields)

@@ -24,8 +24,9 @@ class MaskSettings(BaseModel):
 
     :param sparsity: fraction of weights to prune per target layer, or a list with one value
         per decoder layer (sequential target). Implied by mask_structure for N:M.
-    :param mask_structure: unstructured (or 0:0), or N:M: keep N weights in each group of M
-        consecutive inputs, e.g. 2:4, 4:8.
+    :param mask_structure: unstructured (or 0:0), or N:M: prune N weights in each group of M
+        consecutive inputs, as llm-compressor's Wanda and SparseGPT read it (2:4 and 4:8 keep half;
+        1:4 prunes a quarter).
     :param allocation: unstructured budget: layer (the same sparsity in every layer), row (in every
         output row), global (one threshold over all target layers, each clamped to sparsity +/- clamp)
         or owl (outlier-weighted: decoder layers whose saliency has more outliers keep more; the
@@ -82,7 +83,7 @@ class MaskSettings(BaseModel):
     def _check_structure(self):
         n, m = self.nm
         if m:
-            implied = 1.0 - n / m
+            implied = n / m
             if isinstance(self.sparsity, list) or (self.sparsity is not None and abs(self.sparsity - implied) > 1e-6):
                 raise ValueError(
                     f"sparsity {self.sparsity!r} contradicts mask_structure {self.mask_structure!r}, "

@@ -15,6 +15,7 @@ import torch
 
 from .mask_fields import MaskSettings
 from .masks import global_allocation, nm_mask, owl_sparsity, row_mask, saliency_keys, unstructured_mask
+from .structure import kept_per_group
 
 __all__ = ["MaskPolicy", "decoder_layer_of"]
 
@@ -40,7 +41,7 @@ class MaskPolicy:
         groups = decoder_layer_of(targets, decoder_layers)
         n, m = settings.nm
         if m:
-            sparsity = {name: 1.0 - n / m for name in targets}
+            sparsity = {name: n / m for name in targets}
         elif not isinstance(settings.sparsity, list):
             sparsity = {name: float(settings.sparsity) for name in targets}
         else:
@@ -73,7 +74,7 @@ class MaskPolicy:
         """The keep-mask of one layer under the layer / row budget or N:M."""
         n, m = self.settings.nm
         if m:
-            return nm_mask(keys, n, m)
+            return nm_mask(keys, kept_per_group(n, m), m)
         if self.settings.allocation == "row":
             return row_mask(keys, self.sparsity[name])
         return unstructured_mask(keys, self.sparsity[name])

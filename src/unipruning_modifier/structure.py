@@ -1,20 +1,23 @@
 """Mask structure strings, parsed in one place: "unstructured" / "0:0", or "N:M".
 
-Pure Python (no torch): the recipe fields, the CLI, the checkpoint's ``sparsity_structure`` and
-the benchmarks all read the same strings with ``parse_mask_structure``.
+"N:M" prunes N weights in every group of M consecutive inputs of a row, as llm-compressor's
+Wanda and SparseGPT modifiers read ``mask_structure``, so a recipe means the same thing for
+every modifier in it: "2:4" and "4:8" are the half-sparse patterns (kept = pruned), "1:4"
+prunes one weight in four, "3:4" three in four. Pure Python (no torch): the recipe fields, the
+CLI, the checkpoint's ``sparsity_structure`` and the benchmarks all read the same strings.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["parse_mask_structure", "structure_name"]
+__all__ = ["kept_per_group", "parse_mask_structure", "structure_name"]
 
 _N_OF_M = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
-    """"unstructured" / "0:0" -> (0, 0); "N:M" -> (N, M) with 0 < N < M (N weights kept per M)."""
+    """"unstructured" / "0:0" -> (0, 0); "N:M" -> (N, M) with 0 < N < M (N weights pruned per M)."""
     text = str(mask_structure).strip().lower()
     if text == "unstructured":
         return 0, 0
@@ -28,8 +31,8 @@ def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
         return 0, 0
     if not 0 < n < m:
         raise ValueError(
-            f"mask_structure {mask_structure!r}: N:M keeps N weights in every M, so 0 < N < M is "
-            "required (e.g. '2:4', '4:8')"
+            f"mask_structure {mask_structure!r}: N:M prunes N weights in every M (llm-compressor's "
+            "meaning), so 0 < N < M is required (e.g. '2:4', '4:8')"
         )
     return n, m
 
@@ -37,3 +40,8 @@ def parse_mask_structure(mask_structure: str) -> tuple[int, int]:
 def structure_name(n: int, m: int) -> str:
     """The ``sparsity_structure`` string of (N, M): "unstructured" for (0, 0), else "N:M"."""
     return f"{n}:{m}" if m else "unstructured"
+
+
+def kept_per_group(n: int, m: int) -> int:
+    """Weights kept in each group of M under "N:M" (N pruned): M - N."""
+    return m - n
