@@ -217,3 +217,54 @@ def test_op_triton_branch_eager_and_compiled():
         want = triton_24.matmul(x, Sparse24Weight(weights[2], weights[3]), bias)
         assert torch.equal(call(x), want)
         assert torch.equal(compiled(x), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: Llama-sized layers, CUDA graphs, torch.compile
+# ---------------------------------------------------------------------------------------------
+cuda_triton = pytest.mark.skipif(not kernels.triton_kernel_available()[0], reason=kernels.triton_kernel_available()[1])
+
+
+@cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (28672, 8192)])
+def test_gpu_llama_shapes_within_rounding(dtype, shape):
+    w = kernels.random_24(*shape, dtype, "cuda", seed=shape[0])
+    sparse = Sparse24Weight.from_dense(w)
+    bias = torch.randn(shape[0], device="cuda", dtype=dtype)
+    for n in (1, 2, 4, 8, 16, 64):
+        x = torch.randn(n, shape[1], device="cuda", dtype=dtype)
+        out = triton_24.matmul(x, sparse, bias)
+        assert within_rounding(out, x, w, bias), (n, dtype, shape)
+        assert within_rounding(torch.nn.functional.linear(x, w, bias), x, w, bias)
+
+
+@cuda_triton
+def test_gpu_op_under_cuda_graph_and_compile():
+    """The plugin's op (Triton for every n) replays in a CUDA graph and compiles with fullgraph."""
+    w = kernels.random_24(1024, 2048, torch.bfloat16, "cuda", seed=1)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    layer = kernels.Sparse24Linear.from_dense(w, "triton")
+    assert layer is not None and layer.dense is None and layer.packed is None
+    for n in (1, 8, 32):
+        static_x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static_x, bias)  # compile / warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x, bias)
+        fresh = torch.randn_like(static_x)
+        static_x.copy_(fresh)
+        graph.replay()
+        assert torch.equal(static_out, layer(fresh, bias))
+    compiled = torch.compile(lambda x: layer(x, bias), fullgraph=True, dynamic=True)
+    overhead = torch.compile(lambda x: layer(x, bias), mode="reduce-overhead", fullgraph=True)
+    for n in (1, 5, 40):
+        x = torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16)
+        want = layer(x, bias)
+        assert torch.equal(compiled(x), want)
+        for _ in range(3):  # cudagraph trees record, then replay
+            assert torch.equal(overhead(x).clone(), want)

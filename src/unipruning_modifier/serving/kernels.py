@@ -139,13 +139,13 @@ def choose_kernels(rows: list[dict], margin: float = 1.0) -> list[str]:
 
 
 def random_24(out_features: int, in_features: int, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
-    """A random weight with exactly 2 nonzeros in every group of 4 inputs."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=gen)
+    """A random weight with exactly 2 nonzeros in every group of 4 inputs (drawn on ``device``)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen, device=device)
     groups = w.view(out_features, -1, 4)
     keep = groups.abs().topk(2, dim=-1).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).view(out_features, in_features).to(device=device, dtype=dtype)
+    return (groups * mask).view(out_features, in_features).to(dtype)
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
@@ -199,6 +199,10 @@ def _time_ms(calls: list, iters: int, graph: bool) -> float:
     return start.elapsed_time(end) / (reps * len(calls))
 
 
+def _median_ms(calls: list, iters: int, graph: bool, repeats: int) -> float:
+    return sorted(_time_ms(calls, iters, graph) for _ in range(repeats))[repeats // 2]
+
+
 def _copies(weight: torch.Tensor) -> int:
     """How many copies of a weight to rotate through so that they are >= 4x the GPU's L2 cache."""
     l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 << 20)
@@ -211,9 +215,11 @@ def measure_shape(
     iters: int = 20,
     candidates: tuple[str, ...] = KERNELS,
     triton_configs: dict[int, triton_24.BlockConfig] | None = None,
+    repeats: int = 1,
 ) -> list[dict]:
     """Per bucket n: ms per call of each candidate kernel for [n, in] @ W.T (None: not a candidate).
 
+    Each time is the median of ``repeats`` timings of ``iters`` calls.
     Rows: ``m``, ``k``, ``n``, ``dtype``, ``dense_ms``, ``triton_24_ms``, ``cslt_ms``,
     ``alg_id`` (cuSPARSELt) and ``triton_config`` (``BlockConfig.as_list()``).
     """
@@ -225,16 +231,18 @@ def measure_shape(
     for n in buckets:
         x = torch.randn(n, in_features, device=weight.device, dtype=weight.dtype)
         row = {"m": out_features, "k": in_features, "n": n, "dtype": str(weight.dtype).removeprefix("torch.")}
-        row["dense_ms"] = _time_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in copies], iters, graph=True)
+        row["dense_ms"] = _median_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in copies], iters, True, repeats)
         row["triton_24_ms"] = row["triton_config"] = None
         if tri is not None and n <= TRITON_MAX_N:
             config = (triton_configs or {}).get(n) or triton_24.default_config(n, out_features, in_features)
-            row["triton_24_ms"] = _time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, graph=True)
+            calls = [lambda t=t: triton_24.matmul(x, t, None, config) for t in tri]
+            row["triton_24_ms"] = _median_ms(calls, iters, True, repeats)
             row["triton_config"] = config.as_list()
         row["cslt_ms"], row["alg_id"] = None, 0
         if packed is not None:
             row["alg_id"] = search_algorithm(packed[0], x, out_features, in_features)
-            row["cslt_ms"] = _time_ms([lambda p=p: _sparse_mm(p, x, None, row["alg_id"]) for p in packed], iters, graph=False)
+            calls = [lambda p=p: _sparse_mm(p, x, None, row["alg_id"]) for p in packed]
+            row["cslt_ms"] = _median_ms(calls, iters, False, repeats)
         rows.append(row)
     return rows
 

@@ -13,7 +13,8 @@ weight in a compressed layout, 1.125 bytes per weight (at most 1.78x less traffi
 
 One program computes ``BLOCK_OUT`` outputs for ``BLOCK_N`` tokens over one of ``SPLIT_K``
 slices of the input, ``BLOCK_G`` groups (4 * BLOCK_G inputs) per step, with coalesced row-major
-loads of values and index words. Two inner paths:
+loads of values and index words (software-pipelined ``num_stages`` deep when > 1). Two inner
+paths:
 
 * gather (``DOT=False``, 1-8 tokens): each kept value is multiplied by ``x[t, 4g + i]``, loaded
   by index from x (a few KB, served by L1/L2), fp32 FMAs; no zeros are ever multiplied.
@@ -181,6 +182,7 @@ def _sparse24_kernel(
     SPLIT_K: tl.constexpr,
     DOT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """y[t, r] (SPLIT_K == 1) or partial[k, t, r] (fp32) for one block of rows, tokens, K slice."""
     pid_out = tl.program_id(0)
@@ -203,7 +205,7 @@ def _sparse24_kernel(
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_OUT], dtype=tl.float32)
     g_begin = pid_k * groups_per_split
-    for step in range(0, groups_per_split, BLOCK_G):
+    for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         groups = g_begin + step + lanes
         kept = tl.load(value_rows + (2 * groups)[None, :, None] + pair[None, None, :])  # [BO, BG, 2]
         v0, v1 = tl.split(kept)
@@ -265,7 +267,8 @@ def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.con
 @functools.cache
 def _jitted():
     """(main kernel, split-sum kernel) through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
-    return triton.jit(_sparse24_kernel), triton.jit(_split_sum_kernel)
+    # n_tokens is not specialized: n = 1 and n % 16 == 0 would otherwise each compile anew.
+    return triton.jit(_sparse24_kernel, do_not_specialize=["n_tokens"]), triton.jit(_split_sum_kernel)
 
 
 def interpreting() -> bool:
@@ -376,6 +379,7 @@ def matmul(
         SPLIT_K=config.split_k,
         DOT=config.dot,
         UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
+        NUM_STAGES=config.num_stages,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
