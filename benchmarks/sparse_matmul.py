@@ -65,7 +65,8 @@ def sweep_space(n: int) -> list[BlockConfig]:
     block_n = 1 << max(0, (n - 1).bit_length())
     space = []
     if block_n <= 8:  # gather; 128-group steps only for 1-2 tokens (they spill above)
-        for bo, bg, sk, stages in itertools.product((16, 32), (32, 64, 128)[: 3 if block_n <= 2 else 2], (1, 2, 4), (1, 3)):
+        rows = (16, 32, 64) if block_n == 1 else (16, 32)
+        for bo, bg, sk, stages in itertools.product(rows, (32, 64, 128)[: 3 if block_n <= 2 else 2], (1, 2, 4), (1, 3)):
             space.append(BlockConfig(bo, bg, block_n, sk, False, 4, stages))
         space += [BlockConfig(16, 128, block_n, sk, False, 8, 3) for sk in (1, 2)]
     if block_n >= 4:  # tensor-core dot; no 64-row blocks at 64 tokens (they spill)
@@ -112,14 +113,18 @@ def _warm(item: tuple[list[int], str]) -> str:
     """Compile one configuration into Triton's on-disk cache (a worker process; no launch)."""
     config, dtype = BlockConfig.from_list(item[0]), getattr(torch, item[1])
     try:
-        main_kernel, _ = triton_24._jitted()
+        main_kernel, gemv_kernel, _ = triton_24._jitted()
         y_dtype = dtype if config.split_k == 1 else torch.float32
         # Every benchmarked shape has in, out, in/4/split_k divisible by 16, as these do, so the
         # compiled specialization is the one the timed calls look up.
-        main_kernel.warmup(dtype, dtype, torch.int32, dtype, y_dtype, 1, 4096, 4096, 4096, 1024 // config.split_k,
-                           grid=(1,), HAS_BIAS=False, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g,
-                           BLOCK_N=config.block_n, SPLIT_K=config.split_k, DOT=config.dot, UPCAST_DOT=False,
-                           NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
+        args = (dtype, dtype, torch.int32, dtype, y_dtype, 1, 4096, 4096, 4096, 1024 // config.split_k)
+        common = dict(grid=(1,), HAS_BIAS=False, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g,
+                      SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+                      num_stages=config.num_stages)
+        if config.block_n == 1 and not config.dot:
+            gemv_kernel.warmup(*args, **common)
+        else:
+            main_kernel.warmup(*args, **common, BLOCK_N=config.block_n, DOT=config.dot, UPCAST_DOT=False)
         return ""
     except Exception as error:  # reported, then compiled (or refused) again when timed
         return f"{config}: {error!r}"[:300]

@@ -17,7 +17,9 @@ loads of values and index words (software-pipelined ``num_stages`` deep when > 1
 paths:
 
 * gather (``DOT=False``, 1-8 tokens): each kept value is multiplied by ``x[t, 4g + i]``, loaded
-  by index from x (a few KB, served by L1/L2), fp32 FMAs; no zeros are ever multiplied.
+  by index from x (a few KB, served by L1/L2), fp32 FMAs; no zeros are ever multiplied. One
+  token per program runs ``_sparse24_gemv_kernel`` on flat tiles (lanes along the row); 2-8
+  tokens still use 3-D tiles, which Triton lays out across rows, and lose to dense.
 * dot (``DOT=True``, 16+ tokens): the tile is expanded in registers into the four in-group
   column planes (``W[:, 4g + c]``, c = 0..3) and multiplied with the matching strided columns of
   x on the tensor cores (``tl.dot``, fp32 accumulation).
@@ -192,12 +194,15 @@ def _sparse24_kernel(
     tokens = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     token_ok = tokens < n_tokens
     lanes = tl.arange(0, BLOCK_G)
-    pair = tl.arange(0, 2)
-    value_rows = v_ptr + rows.to(tl.int64)[:, None, None] * (in_features // 2)
+    value_lanes = tl.arange(0, 2 * BLOCK_G)
+    word_lanes = tl.arange(0, BLOCK_G // 8)
+    nibble_shifts = 4 * tl.arange(0, 8)
+    value_rows = v_ptr + rows.to(tl.int64)[:, None] * (in_features // 2)
     index_rows = idx_ptr + rows.to(tl.int64)[:, None] * (in_features // 32)
     x_tokens = x_ptr + tokens.to(tl.int64) * stride_x
     # Gather path: up to 2 tokens, per-lane partial sums reduced once at the end; more tokens
     # reduce every step (a [BLOCK_N, BLOCK_OUT, BLOCK_G] fp32 accumulator would spill).
+    # BLOCK_G must be a multiple of 8 (whole index words); the caller checks.
     if DOT:
         acc = tl.zeros([BLOCK_OUT, BLOCK_N], dtype=tl.float32)
     elif BLOCK_N <= 2:
@@ -207,10 +212,12 @@ def _sparse24_kernel(
     g_begin = pid_k * groups_per_split
     for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         groups = g_begin + step + lanes
-        kept = tl.load(value_rows + (2 * groups)[None, :, None] + pair[None, None, :])  # [BO, BG, 2]
-        v0, v1 = tl.split(kept)
-        words = tl.load(index_rows + (groups // 8)[None, :])  # [BO, BG], 8 groups per word
-        nibble = (words >> ((groups % 8) * 4)[None, :]) & 15
+        # One contiguous [BO, 2 * BG] tile (vectorized, coalesced along the row), then the pairs.
+        kept = tl.load(value_rows + (2 * (g_begin + step) + value_lanes)[None, :])
+        v0, v1 = tl.split(tl.reshape(kept, [BLOCK_OUT, BLOCK_G, 2]))
+        # [BO, BG / 8] contiguous words, 8 nibbles each, unpacked in registers to [BO, BG].
+        words = tl.load(index_rows + ((g_begin + step) // 8 + word_lanes)[None, :])
+        nibble = tl.reshape((words[:, :, None] >> nibble_shifts[None, None, :]) & 15, [BLOCK_OUT, BLOCK_G])
         i0 = nibble & 3
         i1 = nibble >> 2
         if DOT:
@@ -252,6 +259,63 @@ def _sparse24_kernel(
         tl.store(partial + offsets, out, mask=token_ok[:, None])
 
 
+def _sparse24_gemv_kernel(
+    x_ptr,
+    v_ptr,
+    idx_ptr,
+    b_ptr,
+    y_ptr,
+    n_tokens,
+    in_features,
+    out_features,
+    stride_x,
+    groups_per_split,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The gather path for one token per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
+
+    Flat tiles leave Triton one layout (lanes along the row, 16-byte value loads) where a 2-D
+    gather tile let it put lanes across rows (uncoalesced, with shared-memory conversions).
+    Element e of a tile is row e // BLOCK_G, group e % BLOCK_G.
+    """
+    pid_out = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    token = tl.program_id(2).to(tl.int64)  # the grid has exactly n_tokens programs on axis 2
+    row0 = pid_out * BLOCK_OUT
+    tile = tl.arange(0, BLOCK_OUT * BLOCK_G)
+    value_offsets = tl.arange(0, 2 * BLOCK_OUT * BLOCK_G)
+    word_offsets = tl.arange(0, BLOCK_OUT * BLOCK_G // 8)
+    value_rows = v_ptr + (row0 + value_offsets // (2 * BLOCK_G)).to(tl.int64) * (in_features // 2) + value_offsets % (2 * BLOCK_G)
+    word_rows = idx_ptr + (row0 + word_offsets // (BLOCK_G // 8)).to(tl.int64) * (in_features // 32) + word_offsets % (BLOCK_G // 8)
+    x_row = x_ptr + token * stride_x
+    nibble_shifts = 4 * tl.arange(0, 8)
+    acc = tl.zeros([BLOCK_OUT * BLOCK_G], dtype=tl.float32)
+    g_begin = pid_k * groups_per_split
+    for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
+        g_start = g_begin + step
+        kept = tl.load(value_rows + 2 * g_start)
+        v0, v1 = tl.split(tl.reshape(kept, [BLOCK_OUT * BLOCK_G, 2]))
+        words = tl.load(word_rows + g_start // 8)
+        nibble = tl.reshape((words[:, None] >> nibble_shifts[None, :]) & 15, [BLOCK_OUT * BLOCK_G])
+        columns = 4 * (g_start + tile % BLOCK_G)
+        x0 = tl.load(x_row + columns + (nibble & 3))
+        x1 = tl.load(x_row + columns + (nibble >> 2))
+        acc += v0.to(tl.float32) * x0.to(tl.float32) + v1.to(tl.float32) * x1.to(tl.float32)
+    out = tl.sum(tl.reshape(acc, [BLOCK_OUT, BLOCK_G]), axis=1)
+    rows = row0 + tl.arange(0, BLOCK_OUT)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows).to(tl.float32)
+        tl.store(y_ptr + token * out_features + rows, out.to(y_ptr.dtype.element_ty))
+    else:
+        partial = y_ptr + pid_k.to(tl.int64) * n_tokens * out_features
+        tl.store(partial + token * out_features + rows, out)
+
+
 def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """y = sum over k of partial[k] (+ bias), summed in k order: deterministic split-K."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -266,9 +330,13 @@ def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.con
 
 @functools.cache
 def _jitted():
-    """(main kernel, split-sum kernel) through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
+    """(main, one-token gather, split-sum) kernels through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
     # n_tokens is not specialized: n = 1 and n % 16 == 0 would otherwise each compile anew.
-    return triton.jit(_sparse24_kernel, do_not_specialize=["n_tokens"]), triton.jit(_split_sum_kernel)
+    return (
+        triton.jit(_sparse24_kernel, do_not_specialize=["n_tokens"]),
+        triton.jit(_sparse24_gemv_kernel, do_not_specialize=["n_tokens"]),
+        triton.jit(_split_sum_kernel),
+    )
 
 
 def interpreting() -> bool:
@@ -316,12 +384,20 @@ class BlockConfig:
 
 
 def default_config(n_tokens: int, out_features: int, in_features: int) -> BlockConfig:
-    """A configuration that fits the shape: gather up to 8 tokens, tensor-core dot above."""
-    block_n = 1 << max(0, (max(n_tokens, 1) - 1).bit_length())
+    """A configuration that fits the shape: gather up to 8 tokens, tensor-core dot above.
+
+    One token: 16 rows x 128 groups, 8 warps, 3 stages, no split-K; the sweep on an H200
+    (benchmarks/results/h200-decode-sweep.jsonl) found it within 7% of each Llama shape's best.
+    """
+    groups = in_features // 4
+    if n_tokens <= 1:
+        if groups % 128 == 0:
+            return BlockConfig(16, 128, 1, 1, False, 8, 3)
+        return BlockConfig(16, next(g for g in (64, 32, 16) if groups % g == 0), 1, 1, False, 4, 3)
+    block_n = 1 << (n_tokens - 1).bit_length()
     dot = block_n > 8
     block_n = min(max(block_n, 16), 64) if dot else block_n
     block_out = 64 if dot and out_features % 64 == 0 else (32 if dot and out_features % 32 == 0 else 16)
-    groups = in_features // 4
     block_g = next(g for g in (64, 32, 16) if groups % g == 0)
     return BlockConfig(block_out, block_g, block_n, 1, dot, 4, 2)
 
@@ -357,32 +433,26 @@ def matmul(
     y = torch.empty(n_tokens, out_features, dtype=x.dtype, device=x.device)
     if n_tokens == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    main, split_sum = _jitted()
+    main, gemv, split_sum = _jitted()
     groups_per_split = in_features // 4 // config.split_k
     partial = y if config.split_k == 1 else torch.empty(config.split_k, n_tokens, out_features, dtype=torch.float32, device=x.device)
     grid = (out_features // config.block_out, config.split_k, triton.cdiv(n_tokens, config.block_n))
-    main[grid](
-        x2,
-        weight.values,
-        weight.indices,
-        bias if bias is not None else y,
-        partial,
-        n_tokens,
-        in_features,
-        out_features,
-        x2.stride(0),
-        groups_per_split,
-        HAS_BIAS=bias is not None,
-        BLOCK_OUT=config.block_out,
-        BLOCK_G=config.block_g,
-        BLOCK_N=config.block_n,
-        SPLIT_K=config.split_k,
-        DOT=config.dot,
-        UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
-        NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    args = (x2, weight.values, weight.indices, bias if bias is not None else y, partial, n_tokens, in_features, out_features)
+    common = dict(HAS_BIAS=bias is not None, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g, SPLIT_K=config.split_k)
+    launch = dict(NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.block_n == 1 and not config.dot:
+        gemv[grid](*args, x2.stride(0), groups_per_split, **common, **launch)
+    else:
+        main[grid](
+            *args,
+            x2.stride(0),
+            groups_per_split,
+            **common,
+            BLOCK_N=config.block_n,
+            DOT=config.dot,
+            UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
+            **launch,
+        )
     if config.split_k > 1:
         numel = n_tokens * out_features
         block = 1024
