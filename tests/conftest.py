@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter. It must be switched on before
+# anything imports triton (compressed-tensors does, through the package import below).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import unipruning_modifier  # noqa: F401  (registers the modifier)
 from unipruning_modifier import data

@@ -23,32 +23,40 @@ from .test_checkpoint_codecs import make_24, make_unstructured
 cuda_24 = pytest.mark.skipif(not kernels.kernel_available()[0], reason=kernels.kernel_available()[1])
 
 
-def rows(speedups: dict[int, float]) -> list[dict]:
-    return [{"n": n, "speedup": s} for n, s in speedups.items()]
+def row(n: int, dense: float, triton: float | None = None, cslt: float | None = None) -> dict:
+    return {"n": n, "dense_ms": dense, "triton_24_ms": triton, "cslt_ms": cslt}
 
 
 @pytest.mark.parametrize(
-    "speedups, want",
+    "rows, want",
     [
-        ({16: 1.2, 64: 1.1, 1024: 1.3, 16384: 1.5}, 16),
-        ({16: 0.04, 128: 0.03, 1024: 0.08, 4096: 0.29, 16384: 1.25}, 16384),  # H100 4096x4096 row
-        ({16: 0.11, 128: 0.12, 1024: 0.33, 4096: 1.36, 16384: 1.51}, 4096),
-        ({16: 0.5, 1024: 1.1, 4096: 0.9, 16384: 1.2}, 16384),  # a loss above a win: only the top stays sparse
-        ({16: 0.5, 4096: 0.99}, None),
-        ({4096: 1.0}, 4096),  # "at least as fast"
+        ([row(1, 1.0, 0.7, 30.0), row(16, 1.0, 0.9, 20.0), row(64, 1.0, 1.2, 9.0)], ["triton_24", "triton_24", "dense"]),
+        ([row(4096, 1.0, None, 0.8), row(16384, 4.0, None, 2.6)], ["cslt", "cslt"]),  # H100 down_proj rows
+        ([row(16, 1.0, 1.0), row(64, 1.0, None, 1.0)], ["dense", "dense"]),  # a tie keeps dense
+        ([row(1, 1.0, 0.5, 0.4)], ["cslt"]),  # the fastest of the three
+        ([row(1, 1.0, 1.01, 1.2), row(2, 1.0)], ["dense", "dense"]),
     ],
 )
-def test_choose_threshold(speedups, want):
-    assert kernels.choose_threshold(rows(speedups)) == want
+def test_choose_kernels(rows, want):
+    assert kernels.choose_kernels(rows) == want
 
 
-def test_choose_threshold_margin():
-    assert kernels.choose_threshold(rows({1024: 1.05, 4096: 1.2}), margin=1.1) == 4096
+def test_choose_kernels_margin():
+    assert kernels.choose_kernels([row(1, 1.0, 0.95), row(2, 1.0, 0.9, 0.85)], margin=1.1) == ["dense", "cslt"]
 
 
-@pytest.mark.parametrize("n, index", [(1, 0), (16, 0), (17, 1), (64, 1), (1000, 3), (4096, 4), (10**6, 5)])
+@pytest.mark.parametrize("n, index", [(1, 0), (2, 1), (3, 2), (16, 4), (17, 5), (64, 6), (65, 7), (1000, 8), (4096, 9), (10**6, 10)])
 def test_bucket_index(n, index):
     assert kernels.bucket_index(n) == index
+
+
+def test_describe():
+    d = kernels.KernelDecision(["triton_24"] * 5 + ["dense"] * 4 + ["cslt"] * 2, reason="r")
+    assert d.describe() == "triton_24 for n 1-16, dense for n 17-1024, cslt for n >= 1025 (r)"
+    assert kernels.KernelDecision(["dense"] * 11, reason="r").describe() == "dense (r)"
+    assert kernels.KernelDecision(["cslt"] * 11, reason="r").describe() == "cslt for every n (r)"
+    one = kernels.KernelDecision(["triton_24"] + ["dense"] * 10, reason="r")
+    assert one.describe() == "triton_24 for n = 1, dense for n >= 2 (r)"
 
 
 @pytest.mark.parametrize(
@@ -72,6 +80,8 @@ def test_kernel_mode(monkeypatch):
     assert kernels.kernel_mode() == "auto"
     monkeypatch.setenv("UNIPRUNING_SPARSE_KERNEL", " Always ")
     assert kernels.kernel_mode() == "always"
+    monkeypatch.setenv("UNIPRUNING_SPARSE_KERNEL", "triton")
+    assert kernels.kernel_mode() == "triton"
     monkeypatch.setenv("UNIPRUNING_SPARSE_KERNEL", "fast")
     with pytest.raises(ValueError, match="UNIPRUNING_SPARSE_KERNEL"):
         kernels.kernel_mode()
@@ -93,9 +103,10 @@ def test_small_layers_skip_the_algorithm_search(monkeypatch):
 def test_cpu_weights_stay_dense():
     weight = kernels.random_24(64, 64, torch.bfloat16, "cpu")
     decision = kernels.decide(weight, "auto")
-    assert decision.threshold is None and decision.describe().startswith("dense (")
-    assert kernels.Sparse24Linear.from_dense(weight, "always") is None
-    assert kernels.decide(weight, "off").threshold is None
+    assert not decision.sparse and decision.describe().startswith("dense (")
+    for mode in ("always", "cusparselt", "triton"):
+        assert kernels.Sparse24Linear.from_dense(weight, mode) is None
+    assert not kernels.decide(weight, "off").sparse
 
 
 def test_random_24_is_24():
@@ -103,17 +114,18 @@ def test_random_24_is_24():
     assert ((w.view(32, -1, 4) != 0).sum(-1) == 2).all()
 
 
+N_B = len(kernels.N_BUCKETS)
+
+
 def test_op_dense_branch_and_compile():
-    """Below the threshold the op is F.linear on the dense weight, also under torch.compile."""
+    """Where the choice is dense the op is F.linear on the dense weight, also under torch.compile."""
     x = torch.randn(3, 5, 32)
     w, b = torch.randn(48, 32), torch.randn(48)
-    packed = torch.empty(0)
     want = torch.nn.functional.linear(x, w, b)
-    got = kernels.sparse24_linear(x, w, packed, b, 48, 1 << 30, [0] * len(kernels.N_BUCKETS))
+    args = (w, None, None, None, b, 48, [0] * N_B, [0] * N_B, [0] * (7 * N_B))
+    got = kernels.sparse24_linear(x, *args)
     torch.testing.assert_close(got, want)
-    compiled = torch.compile(
-        lambda x: kernels.sparse24_linear(x, w, packed, b, 48, 1 << 30, [0] * 6), backend="eager", fullgraph=True
-    )
+    compiled = torch.compile(lambda x: kernels.sparse24_linear(x, *args), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), want)
 
 
@@ -122,7 +134,9 @@ def test_op_fake_shape():
 
     with FakeTensorMode():
         x = torch.empty(7, 2, 32)
-        out = kernels.sparse24_linear(x, None, torch.empty(10, dtype=torch.int8), None, 48, 0, [0] * 6)
+        out = kernels.sparse24_linear(
+            x, None, torch.empty(10, dtype=torch.int8), None, None, None, 48, [2] * N_B, [0] * N_B, [0] * (7 * N_B)
+        )
     assert out.shape == (7, 2, 48)
 
 
@@ -223,11 +237,12 @@ def test_parse_sparsity_config():
 # GPU: cuSPARSELt
 # ---------------------------------------------------------------------------------------------
 @cuda_24
+@pytest.mark.parametrize("mode", ["always", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 16, 200, 1024])
-def test_sparse_kernel_matches_dense(dtype, n):
+def test_sparse_kernel_matches_dense(mode, dtype, n):
     w = kernels.random_24(256, 512, dtype, "cuda", seed=n)
-    layer = kernels.Sparse24Linear.from_dense(w, "always")
+    layer = kernels.Sparse24Linear.from_dense(w, mode)
     assert layer is not None and layer.dense is None
     x = torch.randn(n, 512, device="cuda", dtype=dtype)
     b = torch.randn(256, device="cuda", dtype=dtype)
@@ -240,5 +255,6 @@ def test_decision_is_measured_and_cached():
     first = kernels.decide(w, "auto")
     assert kernels.decide(w, "auto") is first
     assert [r["n"] for r in first.rows] == list(kernels.N_BUCKETS)
-    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in first.rows)
-    assert first.threshold == kernels.choose_threshold(first.rows)
+    assert all(r["dense_ms"] > 0 and r["cslt_ms"] > 0 for r in first.rows)
+    assert all((r["triton_24_ms"] is not None) == (r["n"] <= kernels.TRITON_MAX_N) for r in first.rows)
+    assert first.choices == kernels.choose_kernels(first.rows)
