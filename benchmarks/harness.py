@@ -30,6 +30,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
     import llmcompressor  # noqa: F401  (configures loguru)
     from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
     from llmcompressor.logger import support_log_once
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +132,9 @@ def drop_fx_autowrap_namespaces() -> int:
 
 
 def release(device: torch.device) -> None:
+    """After a run: end llm-compressor's session, free the model and the device's cache."""
+    with contextlib.suppress(Exception):
+        reset_session()
     drop_fx_autowrap_namespaces()
     gc.collect()
     empty_cache(device)

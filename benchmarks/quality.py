@@ -26,7 +26,6 @@ from harness import Benchmark, Config, log, release, target_names
 with contextlib.redirect_stdout(sys.stderr):
     import torch
     import yaml
-    from llmcompressor.core import reset_session
 
     from unipruning_modifier import UniPruningModifier
 
@@ -134,8 +133,6 @@ class QualityBenchmark(Benchmark):
             self.failed(method, str(config), error)
         finally:
             del model
-            with contextlib.suppress(Exception):
-                reset_session()
             release(self.device)
 
 

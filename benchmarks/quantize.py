@@ -33,7 +33,6 @@ from harness import Benchmark, log, release, target_names
 with contextlib.redirect_stdout(sys.stderr):
     import torch
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-    from llmcompressor.core import reset_session
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -96,8 +95,6 @@ class QuantBenchmark(Benchmark):
         log(f"pruned: {ppl}")
         self.pruned_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         del model
-        with contextlib.suppress(Exception):
-            reset_session()
         release(self.device)
 
     def quantize(self, name: str) -> None:
@@ -117,8 +114,6 @@ class QuantBenchmark(Benchmark):
             self.failed(name, self.args.scheme, error)
         finally:
             del model
-            with contextlib.suppress(Exception):
-                reset_session()
             release(self.device)
 
 

@@ -57,44 +57,36 @@ class UniPruningModifier(Modifier, MaskSettings):
     The mask fields (sparsity, mask_structure, allocation, clamp, owl_lambda, owl_threshold,
     nm_order) are documented in mask_fields.MaskSettings.
 
-    :param targets: module names, "re:" patterns or class names to prune. The model's input and
-        output embeddings (``lm_head``) are pruned only when a target names them.
+    :param targets: module names, "re:" patterns or class names to prune (embeddings and
+        ``lm_head`` only when a target names them).
     :param ignore: modules to leave dense, same syntax as ``targets``.
     :param metric: local anchor: "stochastic_ria" (default), "ria" or "wanda".
     :param kappa: mirror-descent step size.
     :param lam: quantile of |z| used as the soft threshold (elastic-net strength).
     :param beta: fraction of a row/column summed by ``stochastic_ria``.
     :param exponent: activation exponent a of the metric (None: 0.35 stochastic_ria, 0.5 else).
-    :param block_feedback: strength s of the block-local feedback (0: off). Before each batch
-        runs through a decoder layer, the layer's output error against its dense output on the
-        same input, under the current masks, is differentiated w.r.t. the masks, and each
-        weight's anchor is scaled by 1 + s * tanh(-g / mean|g|) (block_feedback.py). Costs a
-        forward and a backward of the layer per batch; needs calibration_inputs "pruned" and
-        allocation "layer" or "row" (the masks it differentiates are the layer's own budget).
-    :param block_feedback_every: take the feedback on every k-th batch only; the batches in
-        between take none.
+    :param block_feedback: strength s of the block-local feedback (0: off; block_feedback.py):
+        each batch's anchors scaled by 1 + s * tanh(-g / mean|g|), g the gradient of the decoder
+        layer's output error w.r.t. its current masks.
+    :param block_feedback_every: take the feedback on every k-th batch only.
     :param seed: seed of the stochastic sums and quantile samples.
-    :param reconstruct: "none" (default: weights only masked) or "least_squares": after the
-        mask, re-fit the kept weights of each layer to its calibration outputs (needs the
-        layer's input Gram matrix, in x in fp32, while the layer is calibrated).
+    :param reconstruct: "none" (weights only masked) or "least_squares" (re-fit the kept weights
+        to the layer's calibration outputs, reconstruction.py).
     :param damping: fraction of mean(diag H) added to H's diagonal for the re-fit.
     :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
     :param reconstruct_tolerance: the re-fit stops when every row's residual fell to this
         fraction of its start.
-    :param dense_target: weight a of the dense model's outputs in the re-fit's target, which is
-        (1 - a) * W0 X + a * W0 D, X the inputs the layer now gets from the pruned earlier layers
-        and D the same tokens' inputs in the dense model (dense_stream.py). Needs reconstruct
-        "least_squares", the decoder layers as sequential targets, calibration_inputs "pruned"
-        and allocation "layer" or "row".
-    :param calibration_inputs: "pruned" (default): each decoder layer is masked as soon as it is
-        calibrated, so later layers calibrate on pruned inputs; "dense": every layer calibrates
-        on the dense model's activations and all masks are applied at the end of calibration,
-        so the saliency does not depend on the sparsity and one calibration serves any setting.
-    :param save_saliency: write every layer's saliency to this safetensors file at the end of
-        calibration (implies calibration_inputs "dense").
-    :param load_saliency: prune from a saliency file instead of calibrating (no data needed);
-        the file must come from this model (same layers, shapes and weights).
-    :param saliency_dtype: "float32" (default) or "bfloat16" storage of the saved saliency.
+    :param dense_target: weight a of the dense model's outputs in the re-fit's target
+        (1 - a) * W0 X + a * W0 D (D: the dense model's inputs, dense_stream.py).
+    :param calibration_inputs: "pruned": each decoder layer is masked once calibrated, so later
+        layers calibrate on pruned inputs; "dense": all on the dense model, masks at the end.
+    :param save_saliency: write every layer's saliency to this file at the end of calibration
+        (implies calibration_inputs "dense").
+    :param load_saliency: prune from a saliency file of this model instead of calibrating.
+    :param saliency_dtype: "float32" or "bfloat16" storage of the saved saliency.
+
+    Combinations that cannot work (e.g. dense_target without least_squares, or with allocation
+    global) are refused when the recipe is parsed; the README's field table has the details.
     """
 
     requires_calibration_data: bool = True

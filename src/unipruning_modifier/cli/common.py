@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["DTYPE_CHOICES", "UsageError", "log", "positive", "select"]
+__all__ = ["DTYPE_CHOICES", "UsageError", "add_model_options", "log", "positive", "select"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_options(parser) -> None:
+    """--device, --dtype and --trust-remote-code: how every command loads its model."""
+    parser.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load dtype (auto: fp32 on CPU)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
 
 
 class UsageError(ValueError):

@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DTYPE_CHOICES, UsageError, positive, select
+from .common import UsageError, add_model_options, positive, select
 from .model_io import check_model_path, load_for_eval
 
 __all__ = ["add_parser", "print_summary", "run"]
@@ -27,9 +27,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--limit", type=int, help="at most this many documents per task")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
-    parser.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load dtype (auto: fp32 on CPU)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    add_model_options(parser)
     parser.set_defaults(run=run, report=print_summary)
 
 

@@ -11,7 +11,7 @@ import typing
 
 from .. import data
 from ..mask_fields import MaskSettings, field_help
-from .common import DTYPE_CHOICES, UsageError, log, positive, select
+from .common import UsageError, add_model_options, log, positive, select
 from .model_io import check_model_path, check_output, load_model, save_checkpoint
 from .prune import print_layer_sparsity
 
@@ -51,9 +51,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--eval-text", help="text file for perplexity (default: built-in text)")
     parser.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens (0: skip)")
-    parser.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load dtype (auto: fp32 on CPU)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    add_model_options(parser)
     parser.set_defaults(run=run, report=print_summary)
 
 

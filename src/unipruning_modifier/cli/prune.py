@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import data
-from .common import DTYPE_CHOICES, UsageError, log, positive, select
+from .common import UsageError, add_model_options, log, positive, select
 from .model_io import check_model_path, check_output, load_model, save_checkpoint
 from .recipes import load_recipe, resolve_recipe
 
@@ -31,10 +31,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512; demo 256)")
     parser.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens")
-    parser.add_argument("--device", help="cuda, cuda:N, npu, cpu (default: best available)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="load dtype (auto: fp32 on CPU)")
+    add_model_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     parser.add_argument(
         "--save-saliency", metavar="FILE",
         help="also write the calibrated saliency to FILE (safetensors; calibrates every layer on dense inputs) "
