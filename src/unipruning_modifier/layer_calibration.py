@@ -4,9 +4,11 @@ A ``LayerCalibration`` is made at the layer's first calibration batch, on that b
 Per batch it takes the layer's inputs (and, with ``dense_target``, the dense model's inputs of
 the same tokens; with ``block_feedback``, a factor for the anchor): one mirror-descent step of
 the saliency (mirror_descent.py, anchored by saliency.py) and, for the re-fit, running means of
-the Gram matrix XᵀX and the cross matrix XᵀD (reconstruction.py). ``finish`` reduces all of it
-across data-parallel ranks and returns the saliency record a mask is taken from; ``refit``
-re-fits the kept weights once the mask is known.
+the Gram matrix XᵀX and the cross matrix XᵀD (reconstruction.py). Linears that read the same
+input tensor (q/k/v, gate/up) share one ``InputStatistics``, so each distinct input's Gram
+matrices are computed and held once. ``finish`` reduces all of it across data-parallel ranks and
+returns the saliency record a mask is taken from; ``refit`` re-fits the kept weights once the
+mask is known.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations
 from .saliency import activation_energy, local_saliency
 from .saliency_file import LayerSaliency
 
-__all__ = ["CalibrationSettings", "LayerCalibration", "RefitSettings"]
+__all__ = ["CalibrationSettings", "InputStatistics", "LayerCalibration", "RefitSettings"]
 
 
 @dataclass(frozen=True)
@@ -48,19 +50,62 @@ class RefitSettings:
     dense_target: float
 
 
+class InputStatistics:
+    """Running means of XᵀX and XᵀD over the batches of one input, for every Linear that reads it."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.tokens = 0
+        self.batches = 0
+        self.reduced = False
+
+    def accumulate(self, batch: int, inputs: torch.Tensor, dense: torch.Tensor | None) -> None:
+        """Batch ``batch``'s inputs (and dense inputs), once however many Linears pass them."""
+        if batch < self.batches:
+            return
+        if dense is not None:
+            self.cross, _ = accumulate_gram(inputs, self.cross, self.tokens, paired=dense)
+        self.gram, self.tokens = accumulate_gram(inputs, self.gram, self.tokens)
+        self.batches += 1
+
+    def reduce(self) -> None:
+        """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish)."""
+        if self.reduced:
+            return
+        if self.cross is not None:
+            self.cross, _ = all_reduce_gram(self.cross, self.tokens)
+        if self.gram is not None:
+            self.gram, self.tokens = all_reduce_gram(self.gram, self.tokens)
+        self.reduced = True
+
+
 class LayerCalibration:
     """Saliency state, its generator and the re-fit statistics of one target Linear."""
 
-    def __init__(self, name: str, shape: torch.Size, device: torch.device, settings: CalibrationSettings):
+    def __init__(
+        self,
+        name: str,
+        shape: torch.Size,
+        device: torch.device,
+        settings: CalibrationSettings,
+        statistics: InputStatistics | None = None,
+    ):
         self.name = name
         self.settings = settings
         self.saliency: SaliencyState | None = SaliencyState.zeros(shape, device, settings.track_first_step)
         self.generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(name.encode()))
-        self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
-        self.tokens = 0
+        self.statistics = statistics if statistics is not None or not settings.gram else InputStatistics()
         self.dense_inputs: torch.Tensor | None = None  # the next batch's inputs in the dense model
         self.feedback: torch.Tensor | None = None  # the next batch's anchor factor (block_feedback)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return None if self.statistics is None else self.statistics.gram
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        return None if self.statistics is None else self.statistics.cross
 
     @property
     def calibrating(self) -> bool:
@@ -76,12 +121,11 @@ class LayerCalibration:
         if self.feedback is not None:
             anchor = anchor * self.feedback.to(anchor.device)
             self.feedback = None
+        batch = self.saliency.steps
         mirror_descent_step(self.saliency, anchor, s.kappa, s.lam, self.generator)
         dense, self.dense_inputs = self.dense_inputs, None
-        if s.gram:
-            if dense is not None:
-                self.cross, _ = accumulate_gram(inputs, self.cross, self.tokens, paired=dense)
-            self.gram, self.tokens = accumulate_gram(inputs, self.gram, self.tokens)
+        if self.statistics is not None:
+            self.statistics.accumulate(batch, inputs, dense)
 
     def finish(self) -> LayerSaliency:
         """End calibration: reduce the state across ranks, return the saliency record (on the
@@ -89,16 +133,14 @@ class LayerCalibration:
         saliency, self.saliency = self.saliency, None
         self.feedback = None
         all_reduce_state(saliency)
-        if self.cross is not None:
-            self.cross, _ = all_reduce_gram(self.cross, self.tokens)
-        if self.gram is not None:
-            self.gram, self.tokens = all_reduce_gram(self.gram, self.tokens)
+        if self.statistics is not None:
+            self.statistics.reduce()
         return LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
 
     def offload(self) -> None:
         """Move the Gram matrix to the CPU while the layer waits for its mask."""
         if self.gram is not None:
-            self.gram = self.gram.cpu()
+            self.statistics.gram = self.gram.cpu()
 
     def refit(self, weight: torch.Tensor, mask: torch.Tensor, settings: RefitSettings) -> torch.Tensor:
         """The kept weights re-fitted by least squares (fp32), aimed ``dense_target`` of the way at

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from .block_feedback import block_feedback
 from .checkpoint import mark_sparse
 from .dense_stream import DenseStream
-from .layer_calibration import CalibrationSettings, LayerCalibration, RefitSettings
+from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
 from .mask_fields import MaskSettings
 from .mask_policy import MaskPolicy
 from .saliency import Metric
@@ -116,6 +116,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     _policy: MaskPolicy | None = PrivateAttr(default=None)
     _layers: dict[str, LayerCalibration] = PrivateAttr(default_factory=dict)
     _waiting: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
+    _inputs_seen: list[tuple[torch.Tensor, InputStatistics]] = PrivateAttr(default_factory=list)
     _decoder_layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _stream: DenseStream | None = PrivateAttr(default=None)
     _feedback_runs: int = PrivateAttr(default=0)
@@ -245,7 +246,7 @@ class UniPruningModifier(Modifier, MaskSettings):
 
     def _calibrate(self, module: torch.nn.Module, args, _output):
         """Forward hook of a target Linear: one calibration step of this layer on this batch."""
-        self._calibration(self._names[module], module, args[0].device).observe(module.weight, args[0])
+        self._calibration(self._names[module], module, args[0]).observe(module.weight, args[0])
 
     def _run_dense(self, layer: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: the same batch through the dense model first,
@@ -254,7 +255,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             inputs = self._stream.run(self._layer_index(layer), layer, args, kwargs, self._targets_in(layer))
         modules = {name: module for module, name in self._targets_in(layer).items()}
         for name, dense in inputs.items():
-            self._calibration(name, modules[name], dense.device).dense_inputs = dense
+            self._calibration(name, modules[name], dense).dense_inputs = dense
 
     def _run_feedback(self, layer: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
@@ -298,7 +299,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         if self._pruned and isinstance(state.model, PreTrainedModel):
             mark_sparse(state.model, sorted(self._pruned), structure_name(*self.nm), self.targets, self.ignore)
         missed = sorted(set(self._targets) - self._pruned)
-        self._layers, self._waiting, self._stream = {}, {}, None
+        self._layers, self._waiting, self._stream, self._inputs_seen = {}, {}, None, []
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
@@ -308,10 +309,18 @@ class UniPruningModifier(Modifier, MaskSettings):
 
     # ------------------------------------------------------------------ helpers of the hooks
 
-    def _calibration(self, name: str, module: torch.nn.Module, device: torch.device) -> LayerCalibration:
-        """The layer's calibration state, made at its first batch on that batch's device."""
+    def _calibration(self, name: str, module: torch.nn.Module, inputs: torch.Tensor) -> LayerCalibration:
+        """The layer's calibration state, made at its first batch on that batch's device; Linears
+        given the very same input tensor at their first batch share its InputStatistics."""
         if name not in self._layers:
-            self._layers[name] = LayerCalibration(name, module.weight.shape, device, self.calibration_settings())
+            settings = self.calibration_settings()
+            statistics = None
+            if settings.gram:
+                statistics = next((stats for tensor, stats in self._inputs_seen if tensor is inputs), None)
+                if statistics is None:
+                    statistics = InputStatistics()
+                    self._inputs_seen.append((inputs, statistics))  # held, so no other tensor takes its id
+            self._layers[name] = LayerCalibration(name, module.weight.shape, inputs.device, settings, statistics)
         return self._layers[name]
 
     def calibration_settings(self) -> CalibrationSettings:
@@ -334,6 +343,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     def _finish_calibrated_layers(self) -> None:
         """Reduce the layers calibrated since the last call across ranks, then mask each (or keep
         its saliency until every layer is calibrated, for a saliency file or a global budget)."""
+        self._inputs_seen = []
         for name in [name for name, calibration in self._layers.items() if calibration.calibrating]:
             calibration = self._layers[name]
             record = calibration.finish()

@@ -1,0 +1,42 @@
+"""LayerCalibration and InputStatistics: one calibration step per batch, Gram matrices once per input."""
+
+from __future__ import annotations
+
+import torch
+
+from unipruning_modifier.layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
+from unipruning_modifier.reconstruction import accumulate_gram, exact_solve
+
+SETTINGS = CalibrationSettings("wanda", None, 0.2, 0.1, 0.001, 0, track_first_step=False, gram=True)
+
+
+def test_linears_reading_one_input_share_its_gram_matrices():
+    torch.manual_seed(0)
+    shared = InputStatistics()
+    q = LayerCalibration("q", torch.Size([8, 16]), torch.device("cpu"), SETTINGS, shared)
+    k = LayerCalibration("k", torch.Size([4, 16]), torch.device("cpu"), SETTINGS, shared)
+    alone = LayerCalibration("v", torch.Size([4, 16]), torch.device("cpu"), SETTINGS)
+    gram, tokens = None, 0
+    for _ in range(3):
+        x = torch.randn(2, 5, 16)
+        for calibration, weight in ((q, torch.randn(8, 16)), (k, torch.randn(4, 16)), (alone, torch.randn(4, 16))):
+            calibration.observe(weight, x)
+        gram, tokens = accumulate_gram(x, gram, tokens)
+    assert q.gram is k.gram and alone.gram is not q.gram
+    torch.testing.assert_close(q.gram, gram)
+    torch.testing.assert_close(alone.gram, gram)
+    assert shared.batches == 3 and shared.tokens == tokens == 30
+
+
+def test_finish_returns_the_record_and_refit_solves_the_least_squares_problem():
+    torch.manual_seed(1)
+    calibration = LayerCalibration("w", torch.Size([6, 12]), torch.device("cpu"), SETTINGS)
+    weight = torch.randn(6, 12)
+    for _ in range(4):
+        calibration.observe(weight, torch.randn(3, 7, 12))
+    record = calibration.finish()
+    assert not calibration.calibrating and record.gamma.shape == (6, 12) and record.steps == 4
+    mask = torch.rand(6, 12) > 0.5
+    fitted = calibration.refit(weight, mask, RefitSettings(0.01, 500, 1e-9, 0.0))
+    expected = exact_solve(weight, calibration.gram, mask, 0.01)
+    torch.testing.assert_close(fitted.double(), expected, rtol=1e-4, atol=1e-5)
