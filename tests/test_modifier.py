@@ -77,7 +77,7 @@ def test_string_target_is_one_pattern():
         ({"mask_structure": "2:4", "allocation": "owl"}, "unstructured masks only"),
         ({"sparsity": 0.5, "reconstruct_tolerance": 1.0}, "reconstruct_tolerance"),
         ({"sparsity": 0.5, "dense_target": 1.5}, "dense_target"),
-        ({"sparsity": 0.5, "dense_target": 0.3}, "needs reconstruct: least_squares"),
+        ({"sparsity": 0.5, "dense_target": 0.3}, "needs reconstruct least_squares or admm"),
         ({"sparsity": 0.5, "dense_target": 0.3, "reconstruct": "least_squares", "calibration_inputs": "dense"},
          "got calibration_inputs 'dense'"),
         ({"sparsity": 0.5, "dense_target": 0.3, "reconstruct": "least_squares", "allocation": "owl"},
@@ -180,3 +180,15 @@ def test_llm_compressor_owl_spelling_is_accepted(theirs, ours):
 def test_llm_compressor_owl_spelling_conflicts_name_the_fields(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         UniPruningModifier(sparsity=0.7, **fields)
+
+
+def test_policy_budget_is_the_masks_own():
+    from unipruning_modifier.mask_policy import MaskPolicy
+
+    mask = torch.rand(8, 32) > 0.7
+    cases = [({"mask_structure": "2:4"}, (0.5, 2, 4, False)), ({"sparsity": 0.6, "allocation": "row"}, (0.6, 0, 0, True))]
+    for fields, (sparsity, n, m, per_row) in cases:
+        budget = MaskPolicy.build(UniPruningModifier(**fields), ["layer"], []).budget("layer", mask)
+        assert (budget.sparsity, budget.n, budget.m, budget.per_row) == (sparsity, n, m, per_row)
+    layer = MaskPolicy.build(UniPruningModifier(sparsity=0.5), ["layer"], []).budget("layer", mask)
+    assert layer.kept(mask.shape) == int(mask.sum()) and not layer.per_row

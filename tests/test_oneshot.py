@@ -193,3 +193,27 @@ def test_demo_model_reconstruction_beats_masking_alone(tokenizer):
                 assert torch.equal(param, before[name]), name
         results[reconstruct] = perplexity(model, tokens, window=256, max_tokens=4096)
     assert math.isfinite(results["none"]) and dense < results["least_squares"] < results["none"]
+
+
+@pytest.mark.parametrize("fields", [{"sparsity": 0.7}, {"mask_structure": "2:4"}, {"sparsity": 0.7, "allocation": "global"}])
+def test_admm_reconstruction_keeps_the_budget_and_moves_the_support(tiny_model_path, calibration, tokenizer, fields):
+    """reconstruct: admm may move the support, but within the same budget, and re-fits it."""
+    models = {}
+    for method in ("least_squares", "admm"):
+        recipe = UniPruningModifier(ignore=["re:.*lm_head"], reconstruct=method, admm_iterations=8, **fields)
+        models[method] = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+    targets = target_names(models["admm"], ignore=["re:.*lm_head"])
+    weights = {method: linear_weights(model) for method, model in models.items()}
+    moved = 0
+    for name in targets:
+        kept = weights["admm"][name] != 0
+        reference = weights["least_squares"][name] != 0
+        if "mask_structure" in fields:
+            assert torch.all(kept.reshape(kept.shape[0], -1, 4).sum(-1) == 2), name
+        elif fields.get("allocation") != "global":
+            assert int(kept.sum()) == int(reference.sum()), name
+        moved += int((kept != reference).sum())
+    if fields.get("allocation") == "global":
+        kept_total = sum(int((weights["admm"][n] != 0).sum()) for n in targets)
+        assert kept_total == sum(int((weights["least_squares"][n] != 0).sum()) for n in targets)
+    assert moved > 0  # the reconstruction chose other weights than the saliency alone

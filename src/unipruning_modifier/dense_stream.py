@@ -14,12 +14,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DenseStream", "hidden_states"]
+__all__ = ["DenseStream", "check_chain", "hidden_states"]
 
 
 def hidden_states(output):
     """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def check_chain(layers: list[str]) -> None:
+    """The stream feeds each sequential target's output to the next one, which is right for the
+    decoder layers (``prefix.0`` .. ``prefix.N-1``), not for e.g. attention / MLP targets."""
+    parts = [name.rpartition(".") for name in layers]
+    prefixes = {prefix for prefix, _, _ in parts}
+    if not layers or len(prefixes) != 1 or [index for _, _, index in parts] != [str(i) for i in range(len(layers))]:
+        shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
+        raise ValueError(
+            f"UniPruningModifier: dense_target needs the decoder layers as sequential targets (one list, "
+            f"each layer's output the next one's input); got {shown or 'none'}"
+        )
 
 
 class DenseStream:

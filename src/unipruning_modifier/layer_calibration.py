@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .admm import Budget, alps
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
 from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
@@ -42,12 +43,16 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class RefitSettings:
-    """The recipe fields of the least-squares re-fit."""
+    """The recipe fields of the re-fit: ``method`` "least_squares" (conjugate gradients on the
+    given mask) or "admm" (the mask chosen again by the reconstruction, admm.py)."""
 
+    method: str
     damping: float
     iterations: int | None
     tolerance: float
     dense_target: float
+    admm_iterations: int = 20
+    admm_rho: float = 0.3
 
 
 class InputStatistics:
@@ -142,11 +147,20 @@ class LayerCalibration:
         if self.gram is not None:
             self.statistics.gram = self.gram.cpu()
 
-    def refit(self, weight: torch.Tensor, mask: torch.Tensor, settings: RefitSettings) -> torch.Tensor:
-        """The kept weights re-fitted by least squares (fp32), aimed ``dense_target`` of the way at
-        the dense model's outputs when the cross matrix was gathered; pruned weights 0."""
-        cross = None if self.cross is None else torch.lerp(self.gram, self.cross, settings.dense_target).to(weight.device)
+    def refit(
+        self, weight: torch.Tensor, mask: torch.Tensor, settings: RefitSettings, budget: Budget
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, mask) re-fitted to the layer's calibration outputs (fp32, pruned weights 0),
+        aimed ``dense_target`` of the way at the dense model's outputs when the cross matrix was
+        gathered. "least_squares" keeps ``mask``; "admm" starts from it and lets the
+        reconstruction move the support within ``budget`` (the same number of weights kept)."""
+        gram = self.gram.to(weight.device)
+        cross = None if self.cross is None else torch.lerp(gram, self.cross.to(weight.device), settings.dense_target)
         iterations = settings.iterations or default_iterations(weight.shape[1])
-        return least_squares(
-            weight, self.gram.to(weight.device), mask, settings.damping, iterations, settings.tolerance, cross=cross
+        if settings.method == "least_squares":
+            return least_squares(weight, gram, mask, settings.damping, iterations, settings.tolerance, cross=cross), mask
+        found = alps(
+            weight, gram, budget, damping=settings.damping, rho=settings.admm_rho, max_iterations=settings.admm_iterations,
+            update_every=1, pcg_iterations=iterations, pcg_tolerance=settings.tolerance, initial_mask=mask, cross=cross,
         )
+        return found.weight, found.mask

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .admm import Budget
 from .mask_fields import MaskSettings
 from .masks import global_allocation, nm_mask, owl_sparsity, row_mask, saliency_keys, unstructured_mask
 from .structure import kept_per_group
@@ -69,6 +70,16 @@ class MaskPolicy:
         """Ranking keys, most significant first (masks.saliency_keys), of one layer's saliency: a
         mirror_descent.SaliencyState or a saliency_file.LayerSaliency."""
         return saliency_keys(saliency.gamma.float(), saliency.anchor_mean.float(), saliency.first_step, self.settings.order)
+
+    def budget(self, name: str, mask: torch.Tensor) -> Budget:
+        """The budget ``mask`` was chosen under (N:M, per row, or its layer-wide count), for a
+        re-fit that may move the support within it (admm.py)."""
+        n, m = self.settings.nm
+        if m:
+            return Budget(sparsity=n / m, n=n, m=m)
+        if self.settings.allocation == "row":
+            return Budget(sparsity=self.sparsity[name], per_row=True)
+        return Budget(sparsity=1.0 - int(mask.sum()) / mask.numel())
 
     def layer_mask(self, name: str, keys: list[torch.Tensor]) -> torch.Tensor:
         """The keep-mask of one layer under the layer / row budget or N:M."""

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from .block_feedback import block_feedback
 from .checkpoint import mark_sparse
-from .dense_stream import DenseStream
+from .dense_stream import DenseStream, check_chain
 from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
 from .mask_fields import MaskSettings
 from .mask_policy import MaskPolicy
@@ -70,8 +70,11 @@ class UniPruningModifier(Modifier, MaskSettings):
         layer's output error w.r.t. its current masks.
     :param block_feedback_every: take the feedback on every k-th batch only.
     :param seed: seed of the stochastic sums and quantile samples.
-    :param reconstruct: "none" (weights only masked) or "least_squares" (re-fit the kept weights
-        to the layer's calibration outputs, reconstruction.py).
+    :param reconstruct: "none" (weights only masked), "least_squares" (re-fit the kept weights to
+        the layer's calibration outputs, reconstruction.py) or "admm" (from the saliency's mask, let
+        the reconstruction choose the support within the same budget, then re-fit, admm.py).
+    :param admm_iterations: ADMM iterations of reconstruct "admm" (the saliency's mask is its start).
+    :param admm_rho: the ADMM penalty it starts with (on the unit-diagonal scale of XᵀX).
     :param damping: fraction of mean(diag H) added to H's diagonal for the re-fit.
     :param reconstruct_iterations: cap on conjugate-gradient iterations (None: by layer width).
     :param reconstruct_tolerance: the re-fit stops when every row's residual fell to this
@@ -101,7 +104,9 @@ class UniPruningModifier(Modifier, MaskSettings):
     block_feedback: float = Field(default=0.0, ge=0, le=1)
     block_feedback_every: int = Field(default=1, ge=1)
     seed: int = 0
-    reconstruct: Literal["none", "least_squares"] = "none"
+    reconstruct: Literal["none", "least_squares", "admm"] = "none"
+    admm_iterations: int = Field(default=20, ge=1)
+    admm_rho: float = Field(default=0.3, gt=0)
     damping: float = Field(default=0.01, ge=0)
     reconstruct_iterations: int | None = Field(default=None, ge=1)
     reconstruct_tolerance: float = Field(default=3e-3, gt=0, lt=1)
@@ -161,7 +166,7 @@ class UniPruningModifier(Modifier, MaskSettings):
                 "needs the calibration inputs of every layer) is not possible; use reconstruct: none"
             )
         if self.dense_target > 0 and self.reconstruct == "none":
-            raise ValueError(f"dense_target {self.dense_target} needs reconstruct: least_squares; got reconstruct 'none'")
+            raise ValueError(f"dense_target {self.dense_target} needs reconstruct least_squares or admm; got reconstruct 'none'")
         for feature in ("dense_target", "block_feedback"):
             if getattr(self, feature) > 0:
                 if self.calibration_inputs == "dense":
@@ -218,7 +223,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         modules = dict(state.model.named_modules())
         self._decoder_layers = {modules[name]: name for name in self._policy.decoder_layers}
         if self.dense_target > 0:
-            _check_layers_chain(self._policy.decoder_layers)
+            check_chain(self._policy.decoder_layers)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():
@@ -368,7 +373,10 @@ class UniPruningModifier(Modifier, MaskSettings):
     def _apply_masks(self, masks: dict[str, torch.Tensor], records: dict[str, LayerSaliency]) -> None:
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
         ``reconstruct`` re-fits them to the layer's calibration outputs."""
-        refit = RefitSettings(self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target)
+        refit = RefitSettings(
+            self.reconstruct, self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target,
+            self.admm_iterations, self.admm_rho,
+        )
         for name, mask in masks.items():
             calibration = self._layers.pop(name, None)
             if calibration is not None and calibration.gram is not None and calibration.cross is None and self.dense_target > 0:
@@ -380,22 +388,10 @@ class UniPruningModifier(Modifier, MaskSettings):
                 if calibration is None or calibration.gram is None:
                     pruned = weight.masked_fill(~mask, 0)
                 else:
-                    pruned = calibration.refit(weight, mask, refit).to(weight.dtype).masked_fill(~mask, 0)
+                    fitted, mask = calibration.refit(weight, mask, refit, self._policy.budget(name, mask))
+                    pruned = fitted.to(weight.dtype).masked_fill(~mask, 0)
             update_offload_parameter(module, "weight", pruned)
             self._pruned.add(name)
             achieved = 1.0 - mask.sum().item() / mask.numel()
             steps = records[name].steps if not self._policy.needs_all_layers else None
             logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {steps} batches' if steps is not None else ''}")
-
-
-def _check_layers_chain(layers: list[str]) -> None:
-    """dense_target feeds each sequential target's output to the next one, which is right for
-    the decoder layers (``prefix.0`` .. ``prefix.N-1``), not for e.g. attention / MLP targets."""
-    parts = [name.rpartition(".") for name in layers]
-    prefixes = {prefix for prefix, _, _ in parts}
-    if not layers or len(prefixes) != 1 or [index for _, _, index in parts] != [str(i) for i in range(len(layers))]:
-        shown = ", ".join(layers[:3]) + (" ..." if len(layers) > 3 else "")
-        raise ValueError(
-            f"UniPruningModifier: dense_target needs the decoder layers as sequential targets (one list, "
-            f"each layer's output the next one's input); got {shown or 'none'}"
-        )

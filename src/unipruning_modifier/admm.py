@@ -1,0 +1,314 @@
+"""ALPS layer-wise pruning (Meng, Behdin, Wang, Mazumder, NeurIPS 2024): ADMM, then PCG.
+
+For one layer with weights W0 (out x in) and the Gram matrix H = X^T X of its calibration
+inputs, ALPS looks for W that minimises the output error tr((W0 - W) H (W0 - W)^T) subject to
+a sparsity budget, choosing the mask *by* the reconstruction rather than before it:
+
+1. ``normalize``: H + damping * mean(diag H) * I, scaled to a unit diagonal (S^-1 H S^-1 with
+   S = sqrt(diag)), the weights to W S. This makes the penalty rho scale-free, ranks weights
+   by |W_ij| sqrt(H_jj) (Wanda's score) in every projection, and is the Jacobi preconditioner
+   of the final conjugate gradients.
+2. ``eigen``: H = Q diag(l) Q^T, once, so (H + rho I)^-1 = Q diag(1 / (l + rho)) Q^T is one
+   scaling and one product for every rho, with no new factorisation.
+3. ``admm``: split W = D with D in the budget's set; W-step a ridge solve, D-step the
+   projection (``project``: keep the largest |W + V / rho|), dual step V += rho (W - D).
+   Every ``update_every`` iterations rho is raised by how far the support moved
+   (``penalty_step``), which forces W and D together as the support settles.
+4. ``pcg``: the weights re-fitted on the final support by conjugate gradients, warm-started
+   from the ADMM iterate.
+
+``alps`` runs the four steps; each is a pure function of tensors, usable alone (the modifier's
+reconstruction-aware mask uses ``admm`` and ``pcg`` with its own start, scores and targets).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .device import synchronize
+from .masks import kept_count, nm_mask, row_mask, unstructured_mask
+from .reconstruction import dampen, dampen_cross
+from .structure import parse_mask_structure
+
+RHO_CAP = 1e6  # ALPS caps the penalty there
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a projection keeps: ``sparsity`` pruned over the layer (or of every row with
+    ``per_row``), or, when ``m`` > 0, ``n`` pruned of every ``m`` consecutive inputs of a row
+    (llm-compressor's ``mask_structure`` "N:M")."""
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+    per_row: bool = False
+
+    @classmethod
+    def parse(cls, sparsity: float | None = None, mask_structure: str = "0:0", per_row: bool = False) -> "Budget":
+        """A budget from recipe fields: "N:M" wins over ``sparsity``."""
+        n, m = parse_mask_structure(mask_structure)
+        if m:
+            return cls(sparsity=n / m, n=n, m=m)
+        if sparsity is None or not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        return cls(sparsity=float(sparsity), per_row=per_row)
+
+    def kept(self, shape: torch.Size) -> int:
+        """How many weights of a layer of this shape the budget keeps."""
+        rows, cols = shape
+        if self.m:
+            return rows * cols // self.m * (self.m - self.n)
+        if self.per_row:
+            return rows * kept_count(cols, self.sparsity)
+        return kept_count(rows * cols, self.sparsity)
+
+
+def project(values: torch.Tensor, budget: Budget, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (True = kept) of the Euclidean projection onto the budget's set: the largest |values|
+    (layer-wide, per row, or per group of M); ties go to the larger ``scores``, then the lower
+    index, so the result is deterministic."""
+    keys = [values.abs()] if scores is None else [values.abs(), scores.to(values.device, torch.float32)]
+    if budget.m:
+        return nm_mask(keys, budget.m - budget.n, budget.m)
+    if budget.per_row:
+        return row_mask(keys, budget.sparsity)
+    return unstructured_mask(keys, budget.sparsity)
+
+
+def normalize(gram: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S^-1 (H + damping * mean(diag H) I) S^-1, S) with S = the damped diagonal's square root:
+    unit diagonal, fp32. Weights go to that scale as W * S, back as W / S."""
+    damped = dampen(gram.float(), damping)
+    scale = damped.diagonal().sqrt()
+    damped.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
+    return damped, scale
+
+
+def eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors) of a symmetric matrix, computed in fp64 (the ridge inverse at
+    a small rho needs the small eigenvalues right), returned in fp32 to halve their memory."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    return values.float(), vectors.float()
+
+
+def ridge_inverse(values: torch.Tensor, vectors: torch.Tensor, rho: float) -> torch.Tensor:
+    """(H + rho I)^-1 from H's eigendecomposition: one scaling and one matrix product."""
+    return (vectors / (values + rho)) @ vectors.T
+
+
+def penalty_step(rho: float, changed: int, kept: int, raised: bool) -> tuple[float, bool, str]:
+    """ALPS's rule for rho, applied every few ADMM iterations from how many weights changed
+    between kept and pruned since the last check (``changed``) out of the ``kept`` budget.
+
+    The support moves a lot (> 10% / > 0.5% of kept): raise rho 1.3x / 1.2x. It moves a little:
+    1.1x once rho has been raised; before that rho started too large (the iterate is stuck at
+    its start), so divide it by 5 and "restart" from the initial point. It does not move:
+    "stop" once rho has been raised, else divide by 5. Returns (rho, raised, action), rho
+    capped at 1e6; action is "continue", "restart" or "stop".
+    """
+    action = "continue"
+    if changed > 0.1 * kept:
+        rho, raised = rho * 1.3, True
+    elif changed > 0.005 * kept:
+        rho, raised = rho * 1.2, True
+    elif changed > 0:
+        if raised:
+            rho *= 1.1
+        else:
+            rho, action = rho / 5, "restart"
+    elif raised:
+        action = "stop"
+    else:
+        rho /= 5
+    return min(rho, RHO_CAP), raised, action
+
+
+class AdmmResult(NamedTuple):
+    weight: torch.Tensor  # the last W-step iterate restricted to ``mask``
+    mask: torch.Tensor  # bool, True = kept: the projection of that iterate
+    iterations: int
+    rho: float
+
+
+def admm(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    budget: Budget,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rhs: torch.Tensor | None = None,
+    rho: float = 0.1,
+    max_iterations: int = 300,
+    update_every: int = 3,
+    settle_after: int = 30,
+    tolerance: float = 3e-4,
+    initial_mask: torch.Tensor | None = None,
+    initial_weight: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> AdmmResult:
+    """ADMM for min tr(W H W^T) - 2 tr(W rhs^T) s.t. W within ``budget`` (rhs = W0 H by default:
+    the output error tr((W0 - W) H (W0 - W)^T)), all tensors in one scale (``normalize``'s for ALPS).
+
+    ``eig``: ``eigen(gram)`` if already computed. The start D (and the point a "restart" goes
+    back to) is ``initial_weight`` (default ``weight``) on ``initial_mask`` (default: its
+    projection). ``scores`` break ties in every projection. Stops after ``max_iterations``, when
+    the support stops moving once rho was raised, or when, after ``settle_after`` iterations,
+    fewer than ``tolerance`` x kept weights changed over the last ``update_every`` iterations.
+    Returns the projection of the last W-step iterate.
+    """
+    weight = weight.float()
+    gram = gram.to(weight.device, torch.float32)
+    values, vectors = eigen(gram) if eig is None else eig
+    rhs = weight @ gram if rhs is None else rhs.to(weight.device, torch.float32)
+    kept = budget.kept(weight.shape)
+
+    start = weight if initial_weight is None else initial_weight.to(weight.device, torch.float32)
+    start_mask = project(start, budget, scores) if initial_mask is None else initial_mask.to(weight.device, torch.bool)
+    start = start * start_mask
+
+    solution, split, dual = weight.clone(), start.clone(), torch.zeros_like(weight)
+    support, previous = start_mask, start_mask
+    inverse = ridge_inverse(values, vectors, rho)
+    raised = False
+    iteration = 0
+    for iteration in range(1, max_iterations + 1):
+        solution = torch.add(rhs, split, alpha=rho).sub_(dual) @ inverse  # (H + rho I)^-1 symmetric
+        split = torch.add(solution, dual, alpha=1.0 / rho)
+        support = project(split, budget, scores)
+        split.mul_(support)
+        dual.add_(solution - split, alpha=rho)
+        if iteration % update_every:
+            continue
+        changed = int((support != previous).sum())
+        previous = support
+        new_rho, raised, action = penalty_step(rho, changed, kept, raised)
+        if action == "stop":
+            break
+        if action == "restart":
+            solution, split, dual = weight.clone(), start.clone(), torch.zeros_like(weight)
+        if new_rho != rho:
+            rho = new_rho
+            inverse = ridge_inverse(values, vectors, rho)
+        if iteration > settle_after and changed < tolerance * kept:
+            break
+    mask = project(solution, budget, scores)
+    return AdmmResult(solution * mask, mask, iteration, rho)
+
+
+def pcg(
+    gram: torch.Tensor,
+    rhs: torch.Tensor,
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    max_iterations: int = 10,
+    tolerance: float = 1e-4,
+) -> tuple[torch.Tensor, int]:
+    """For every row r, solve W_r,K H_KK = rhs_r,K with W_r,P = 0 (K: the row's kept inputs in
+    ``mask``) by conjugate gradients with a Jacobi preconditioner, all rows at once, from
+    ``start``. One (out x in) @ (in x in) product per iteration; stops when every row's residual
+    is below ``tolerance`` times its norm of ``rhs``. Returns (solution, iterations)."""
+    keep = mask.to(start.device, torch.float32)
+    gram = gram.to(start.device, torch.float32)
+    inverse_diagonal = 1.0 / gram.diagonal()
+    solution = start.float() * keep
+    residual = (rhs.float() - solution @ gram) * keep
+    limit = tolerance * rhs.float().norm(dim=1, keepdim=True)
+    preconditioned = residual * inverse_diagonal
+    direction = preconditioned.clone()
+    rz = (residual * preconditioned).sum(dim=1, keepdim=True)
+    iteration = 0
+    while iteration < max_iterations and not bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
+        iteration += 1
+        product = (direction @ gram) * keep
+        curvature = (direction * product).sum(dim=1, keepdim=True)
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
+        solution.addcmul_(step, direction)
+        residual.addcmul_(step, product, value=-1)
+        preconditioned = residual * inverse_diagonal
+        rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
+        direction.mul_(torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), torch.zeros_like(rz))).add_(preconditioned)
+        rz = rz_next
+    return solution, iteration
+
+
+def _now(device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds, the device synchronised first."""
+    synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+class AlpsResult(NamedTuple):
+    weight: torch.Tensor  # fp32, pruned entries exactly 0
+    mask: torch.Tensor  # bool, True = kept
+    admm_iterations: int
+    pcg_iterations: int
+    rho: float  # the final penalty
+    seconds: dict  # {"factor", "admm", "pcg"}: wall seconds of each step (device synchronised)
+    cpu_seconds: dict  # the same steps in process CPU seconds
+
+
+def alps(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    budget: Budget,
+    damping: float = 0.01,
+    rho: float = 0.1,
+    max_iterations: int = 300,
+    update_every: int = 3,
+    settle_after: int = 30,
+    tolerance: float = 3e-4,
+    pcg_iterations: int = 10,
+    pcg_tolerance: float = 1e-4,
+    initial_mask: torch.Tensor | None = None,
+    initial_weight: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+) -> AlpsResult:
+    """Prune one layer with ALPS: ``normalize``, ``eigen``, ``admm``, ``pcg`` (see the module).
+
+    The defaults are ALPS's (damping 0.01, rho 0.1, at most 300 iterations, rho updated every 3,
+    settled below 3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
+    ``initial_weight`` (original scale) replace the magnitude start, ``scores`` break ties in the
+    projections (see ``admm``). ``cross`` (C = X^T D, D the dense model's inputs of the same
+    tokens, damped like H) makes the target the dense model's output: min ||W0 D^T - W X^T||^2,
+    whose right-hand side is W0 C^T in place of W0 H, in ADMM and PCG alike.
+    """
+    device = weight.device
+    wall, cpu = {}, {}
+    clock = _now(device)
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = _now(device)
+        wall[step], cpu[step] = now[0] - clock[0], now[1] - clock[1]
+        clock = now
+
+    gram = gram.to(device, torch.float32)
+    hessian, scale = normalize(gram, damping)
+    scaled = weight.float() * scale
+    if cross is None:
+        rhs = scaled @ hessian
+    else:
+        target = dampen_cross(gram, cross.to(device, torch.float32), damping)
+        rhs = scaled @ (target / scale.unsqueeze(0) / scale.unsqueeze(1)).T
+        del target
+    del gram
+    eig = eigen(hessian)
+    lap("factor")
+
+    if initial_mask is not None:
+        initial_mask = initial_mask.to(device, torch.bool)
+    start = None if initial_weight is None else initial_weight.to(device, torch.float32) * scale
+    found = admm(scaled, hessian, budget, eig, rhs, rho, max_iterations, update_every, settle_after, tolerance,
+                 initial_mask, start, scores)
+    del eig
+    lap("admm")
+
+    solution, refits = pcg(hessian, rhs, found.mask, found.weight, pcg_iterations, pcg_tolerance)
+    solution = (solution / scale) * found.mask
+    lap("pcg")
+    return AlpsResult(solution, found.mask, found.iterations, refits, found.rho, wall, cpu)
