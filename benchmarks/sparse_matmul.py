@@ -1,7 +1,7 @@
 """Dense cuBLAS vs the Triton 2:4 kernel vs cuSPARSELt per weight shape and token count.
 
 Needs a CUDA GPU (compute capability >= 8.0). For each (out, in) weight shape and each token
-count n it times ``[n, in] @ W.T`` with the plugin's own helpers (``serving.kernels.measure_shape``:
+count n it times ``[n, in] @ W.T`` with the plugin's own helpers (``serving.measure.measure_shape``:
 dense and Triton by CUDA-graph replay, cuSPARSELt eagerly, rotating over weight copies >= 4x
 the L2 cache, median of ``--repeats`` timings of ``--iters`` calls) and prints one JSON line per
 (kernel, shape, n):
@@ -34,8 +34,9 @@ import time
 
 import torch
 
-from unipruning_modifier.serving import kernels, triton_24
-from unipruning_modifier.serving.triton_24 import BlockConfig
+from unipruning_modifier.serving import cusparselt, kernels, measure, triton_24
+from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
+from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
 # Linear shapes (out x in) of Llama-2-7B, Llama-3-8B and Llama-3-70B: as vLLM fuses them
 # (qkv, gate_up) and the unfused MLP projections.
@@ -87,17 +88,17 @@ def fitting(configs: list[BlockConfig], out_features: int, in_features: int) -> 
     return ok
 
 
-def tune(tri: list[triton_24.Sparse24Weight], n: int, iters: int, deadline: float, sink) -> BlockConfig:
+def tune(tri: list[Sparse24Weight], n: int, iters: int, deadline: float, sink) -> BlockConfig:
     """The fastest configuration of ``sweep_space(n)`` over these weight copies (default if time runs out)."""
     out_features, in_features = tri[0].shape
     x = torch.randn(n, in_features, device=tri[0].values.device, dtype=tri[0].values.dtype)
-    best = triton_24.default_config(n, out_features, in_features)
+    best = default_config(n, out_features, in_features)
     best_ms = float("inf")
     for config in [best] + fitting(sweep_space(n), out_features, in_features):
         if time.monotonic() > deadline:
             break
         try:
-            ms = kernels._time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, graph=True)
+            ms = measure.time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, graph=True)
         except Exception as error:  # a configuration the compiler or the GPU refuses: skip it, say why
             emit(sink, {"kernel": "triton_24_sweep", "out": out_features, "in": in_features, "n": n,
                         "config": config.as_list(), "error": repr(error)[:300]})
@@ -151,7 +152,7 @@ def copy_bandwidth_gbps(gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second) in GB/s."""
     src = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = kernels._median_ms([lambda: dst.copy_(src)], 10, False, 3)
+    ms = measure.median_ms([lambda: dst.copy_(src)], 10, False, 3)
     return 2 * src.numel() / (ms / 1e3) / 1e9
 
 
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = copy_bandwidth_gbps()
     if args.tune and "triton_24" in kinds:
         shapes = [parse_shape(text) for text in args.shapes]
-        wanted = [c for n in args.n if n <= kernels.TRITON_MAX_N for c in sweep_space(n) + [triton_24.default_config(n, *shapes[0])]]
+        wanted = [c for n in args.n if n <= measure.TRITON_MAX_N for c in sweep_space(n) + [default_config(n, *shapes[0])]]
         wanted = [c for c in wanted if any(fitting([c], *shape) for shape in shapes)]
         print(precompile(wanted, dtype), file=sys.stderr, flush=True)
     tuned = json.load(open(args.tuned)) if args.tuned else {}
@@ -252,23 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for text in args.shapes:
             m, k = parse_shape(text)
-            weight = kernels.random_24(m, k, dtype, "cuda")
+            weight = measure.random_24(m, k, dtype, "cuda")
             configs = {}
             tri = None
             if args.tune and "triton_24" in kinds:
-                tri = [triton_24.Sparse24Weight.from_dense(weight)]
-                tri += [triton_24.Sparse24Weight(t.values.clone(), t.indices.clone()) for t in tri * (kernels._copies(weight) - 1)]
+                tri = [Sparse24Weight.from_dense(weight)]
+                tri += [Sparse24Weight(t.values.clone(), t.indices.clone()) for t in tri * (measure.rotation_copies(weight) - 1)]
             for n in args.n:
                 saved = tuned.get(f"{m}x{k}", {}).get(str(n))
                 if saved:
                     configs[n] = BlockConfig.from_list(saved)
-                elif args.tune and "triton_24" in kinds and n <= kernels.TRITON_MAX_N:
+                elif args.tune and "triton_24" in kinds and n <= measure.TRITON_MAX_N:
                     configs[n] = tune(tri, n, args.tune_iters, deadline, sweep_sink)
-                tuned.setdefault(f"{m}x{k}", {})[str(n)] = (configs.get(n) or triton_24.default_config(n, m, k)).as_list()
+                tuned.setdefault(f"{m}x{k}", {})[str(n)] = (configs.get(n) or default_config(n, m, k)).as_list()
             del tri
-            rows = kernels.measure_shape(weight, tuple(args.n), args.iters, kinds, configs, args.repeats)
+            rows = measure.measure_shape(weight, tuple(args.n), args.iters, kinds, configs, args.repeats)
             choices = kernels.choose_kernels(rows)
-            sparse = triton_24.Sparse24Weight.from_dense(weight) if "triton_24" in kinds else None
+            sparse = Sparse24Weight.from_dense(weight) if "triton_24" in kinds else None
             packed = torch._cslt_compress(weight) if "cslt" in kinds else None
             sizes = weight_bytes(weight, packed)
             for row, chosen in zip(rows, choices):
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         config = BlockConfig.from_list(row["triton_config"])
                         line.update(config=row["triton_config"], **compare(triton_24.matmul(x, sparse, None, config), dense))
                     elif kernel == "cslt":
-                        line.update(alg_id=row["alg_id"], **compare(kernels._sparse_mm(packed, x, None, row["alg_id"]), dense))
+                        line.update(alg_id=row["alg_id"], **compare(cusparselt.sparse_mm(packed, x, None, row["alg_id"]), dense))
                     emit(sink, {**line, **{key: info[key] for key in ("torch", "triton", "cusparselt")}})
             del weight, sparse, packed
             torch.cuda.empty_cache()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unipruning_modifier.checkpoint import SparseFormatError, compress, decompress
-from unipruning_modifier.serving import kernels
+from unipruning_modifier.serving import cusparselt, kernels, measure
 from unipruning_modifier.serving.sparsity import (
     claims_checkpoint,
     decompress_part,
@@ -71,7 +71,7 @@ def test_describe():
     ],
 )
 def test_shape_supported(shape, dtype, ok):
-    got, reason = kernels.shape_supported(*shape, dtype)
+    got, reason = cusparselt.shape_supported(*shape, dtype)
     assert got is ok and reason
 
 
@@ -94,14 +94,14 @@ def test_small_layers_skip_the_algorithm_search(monkeypatch):
         raise AssertionError("search called")
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", refuse, raising=False)
-    assert kernels.search_algorithm(None, None, 256, 512) == 0
-    assert kernels.search_algorithm(None, None, 4096, kernels.SEARCH_MIN_DIM - 16) == 0
+    assert cusparselt.search_algorithm(None, None, 256, 512) == 0
+    assert cusparselt.search_algorithm(None, None, 4096, cusparselt.SEARCH_MIN_DIM - 16) == 0
     with pytest.raises(AssertionError, match="search called"):
-        kernels.search_algorithm(torch.zeros(1), torch.zeros(8, 1024), 1024, 1024)
+        cusparselt.search_algorithm(torch.zeros(1), torch.zeros(8, 1024), 1024, 1024)
 
 
 def test_cpu_weights_stay_dense():
-    weight = kernels.random_24(64, 64, torch.bfloat16, "cpu")
+    weight = measure.random_24(64, 64, torch.bfloat16, "cpu")
     decision = kernels.decide(weight, "auto")
     assert not decision.sparse and decision.describe().startswith("dense (")
     for mode in ("always", "cusparselt", "triton"):
@@ -110,7 +110,7 @@ def test_cpu_weights_stay_dense():
 
 
 def test_random_24_is_24():
-    w = kernels.random_24(32, 64, torch.float16, "cpu", seed=3)
+    w = measure.random_24(32, 64, torch.float16, "cpu", seed=3)
     assert ((w.view(32, -1, 4) != 0).sum(-1) == 2).all()
 
 
@@ -241,7 +241,7 @@ def test_parse_sparsity_config():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 16, 200, 1024])
 def test_sparse_kernel_matches_dense(mode, dtype, n):
-    w = kernels.random_24(256, 512, dtype, "cuda", seed=n)
+    w = measure.random_24(256, 512, dtype, "cuda", seed=n)
     layer = kernels.Sparse24Linear.from_dense(w, mode)
     assert layer is not None and layer.dense is None
     x = torch.randn(n, 512, device="cuda", dtype=dtype)
@@ -251,10 +251,10 @@ def test_sparse_kernel_matches_dense(mode, dtype, n):
 
 @cuda_24
 def test_decision_is_measured_and_cached():
-    w = kernels.random_24(512, 512, torch.bfloat16, "cuda")
+    w = measure.random_24(512, 512, torch.bfloat16, "cuda")
     first = kernels.decide(w, "auto")
     assert kernels.decide(w, "auto") is first
     assert [r["n"] for r in first.rows] == list(kernels.N_BUCKETS)
     assert all(r["dense_ms"] > 0 and r["cslt_ms"] > 0 for r in first.rows)
-    assert all((r["triton_24_ms"] is not None) == (r["n"] <= kernels.TRITON_MAX_N) for r in first.rows)
+    assert all((r["triton_24_ms"] is not None) == (r["n"] <= measure.TRITON_MAX_N) for r in first.rows)
     assert first.choices == kernels.choose_kernels(first.rows)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from unipruning_modifier.checkpoint import SparseFormatError, compress_sparse_24_bitmask
-from unipruning_modifier.serving import kernels, triton_24
-from unipruning_modifier.serving.triton_24 import BlockConfig, Sparse24Weight
+from unipruning_modifier.serving import kernels, measure, triton_24, triton_24_layout
+from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
+from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
 from .test_checkpoint_codecs import make_24
 
@@ -42,7 +43,7 @@ def within_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
 # layout
 # ---------------------------------------------------------------------------------------------
 def test_nibble_table():
-    table = triton_24.nibble_table()
+    table = triton_24_layout.nibble_table()
     pairs = {0b0011: (0, 1), 0b0101: (0, 2), 0b1001: (0, 3), 0b0110: (1, 2), 0b1010: (1, 3), 0b1100: (2, 3)}
     for lo in range(16):
         for hi in range(16):
@@ -86,7 +87,7 @@ def test_layout_keeps_zeros_among_the_kept():
     ],
 )
 def test_layout_refuses(shape, dtype, match):
-    assert not triton_24.layout_supported(*shape, dtype)[0]
+    assert not triton_24_layout.layout_supported(*shape, dtype)[0]
     with pytest.raises(ValueError, match=match):
         Sparse24Weight.from_dense(torch.zeros(shape, dtype=dtype), name="mlp.down_proj")
 
@@ -108,7 +109,7 @@ def test_layout_refuses_non_24():
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 16, 64, 300])
 @pytest.mark.parametrize("shape", [(16, 64), (4096, 14336), (14336, 4096), (4096, 11008), (28672, 8192)])
 def test_default_config_fits(n, shape):
-    config = triton_24.default_config(n, *shape)
+    config = default_config(n, *shape)
     config.check(*shape)
     assert config.dot == (n > 8)
     assert config.block_n >= min(n, 64)
@@ -197,7 +198,7 @@ def test_kernel_refusals():
 def op_args(w: torch.Tensor, choice: str):
     sparse = Sparse24Weight.from_dense(w)
     n_buckets = len(kernels.N_BUCKETS)
-    configs = [v for n in kernels.N_BUCKETS for v in triton_24.default_config(n, *w.shape).as_list()]
+    configs = [v for n in kernels.N_BUCKETS for v in default_config(n, *w.shape).as_list()]
     return (None, None, sparse.values, sparse.indices), [kernels.KERNELS.index(choice)] * n_buckets, configs
 
 
@@ -229,7 +230,7 @@ cuda_triton = pytest.mark.skipif(not kernels.triton_kernel_available()[0], reaso
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (28672, 8192)])
 def test_gpu_llama_shapes_within_rounding(dtype, shape):
-    w = kernels.random_24(*shape, dtype, "cuda", seed=shape[0])
+    w = measure.random_24(*shape, dtype, "cuda", seed=shape[0])
     sparse = Sparse24Weight.from_dense(w)
     bias = torch.randn(shape[0], device="cuda", dtype=dtype)
     for n in (1, 2, 4, 8, 16, 64):
@@ -242,7 +243,7 @@ def test_gpu_llama_shapes_within_rounding(dtype, shape):
 @cuda_triton
 def test_gpu_op_under_cuda_graph_and_compile():
     """The plugin's op (Triton for every n) replays in a CUDA graph and compiles with fullgraph."""
-    w = kernels.random_24(1024, 2048, torch.bfloat16, "cuda", seed=1)
+    w = measure.random_24(1024, 2048, torch.bfloat16, "cuda", seed=1)
     bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
     layer = kernels.Sparse24Linear.from_dense(w, "triton")
     assert layer is not None and layer.dense is None and layer.packed is None

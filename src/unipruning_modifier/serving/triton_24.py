@@ -1,15 +1,7 @@
-"""2:4 sparse ``x @ W.T`` for small token counts: a Triton kernel that reads compressed weights.
+"""2:4 sparse ``x @ W.T`` for small token counts: Triton kernels that read compressed weights.
 
-Decode is memory-bound: a dense bf16 GEMV reads 2 bytes per weight. This kernel reads the 2:4
-weight in a compressed layout, 1.125 bytes per weight (at most 1.78x less traffic):
-
-``values``  [out, in/2] fp16/bf16: the two kept weights of every group of 4 inputs, in column
-            order. This is exactly sparse-24-bitmask's ``compressed`` tensor.
-``indices`` int32 [out, in/32]: 4 bits per group, word ``w`` of a row holds groups 8w..8w+7
-            (group ``8w+k`` in bits 4k..4k+3), the nibble is ``i0 | i1 << 2`` with ``i0 < i1``
-            the in-group positions of the two kept weights. Byte for byte it is the
-            sparse-24-bitmask ``bitmask`` with every nibble (a 4-bit group mask) replaced by the
-            positions of its two set bits, so converting at load is one table lookup.
+Decode is memory-bound: a dense bf16 GEMV reads 2 bytes per weight; these kernels read the
+layout of ``triton_24_layout`` (kept values + 4-bit group codes), 1.125 bytes per weight.
 
 One program computes ``BLOCK_OUT`` outputs for ``BLOCK_N`` tokens over one of ``SPLIT_K``
 slices of the input, ``BLOCK_G`` groups (4 * BLOCK_G inputs) per step, with coalesced row-major
@@ -36,11 +28,11 @@ Triton's interpreter runs them on CPU tensors (the CI tests).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import compress_sparse_24_bitmask
+from .triton_24_configs import BlockConfig, default_config
+from .triton_24_layout import Sparse24Weight
 
 try:  # CUDA builds of torch on Linux bring Triton; CPU builds do not.
     import triton
@@ -48,23 +40,7 @@ try:  # CUDA builds of torch on Linux bring Triton; CPU builds do not.
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-__all__ = [
-    "DTYPES",
-    "BlockConfig",
-    "Sparse24Weight",
-    "default_config",
-    "layout_supported",
-    "interpreting",
-    "matmul",
-    "nibble_table",
-    "triton_available",
-]
-
-DTYPES = (torch.float16, torch.bfloat16)
-# Smallest multiples the layout and every block configuration need: rows in blocks of 16, inputs
-# in blocks of 64 (16 groups, two index words).
-OUT_MULTIPLE = 16
-IN_MULTIPLE = 64
+__all__ = ["interpreting", "matmul", "triton_available"]
 
 
 def triton_available() -> tuple[bool, str]:
@@ -72,95 +48,6 @@ def triton_available() -> tuple[bool, str]:
     if triton is None:
         return False, "triton is not installed"
     return True, f"triton {triton.__version__}"
-
-
-def layout_supported(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """(ok, reason) for the compressed layout and kernel: fp16/bf16, out % 16, in % 64."""
-    if dtype not in DTYPES:
-        return False, f"dtype {dtype} (the Triton 2:4 kernel takes float16 / bfloat16)"
-    if out_features % OUT_MULTIPLE or in_features % IN_MULTIPLE:
-        return False, (
-            f"shape {out_features}x{in_features}: the Triton 2:4 kernel needs out % {OUT_MULTIPLE} == 0 "
-            f"and in % {IN_MULTIPLE} == 0"
-        )
-    return True, "ok"
-
-
-# --------------------------------------------------------------------------------------------
-# layout
-# --------------------------------------------------------------------------------------------
-def nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [256]: bitmask byte (two 4-bit group masks) -> index byte (two ``i0 | i1 << 2``).
-
-    Masks without exactly two set bits map to 0xFF in both nibbles' byte (refused by the caller).
-    """
-    codes = []
-    for mask in range(16):
-        bits = [p for p in range(4) if mask >> p & 1]
-        codes.append(bits[0] | bits[1] << 2 if len(bits) == 2 else -1)
-    table = []
-    for byte in range(256):
-        lo, hi = codes[byte & 15], codes[byte >> 4]
-        table.append(0xFF if lo < 0 or hi < 0 else lo | hi << 4)
-    return torch.tensor(table, dtype=torch.uint8, device=device)
-
-
-@dataclass
-class Sparse24Weight:
-    """A 2:4 weight in the kernel's layout: ``values`` [out, in/2] and ``indices`` int32 [out, in/32]."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.values.shape[0], self.values.shape[1] * 2
-
-    @classmethod
-    def from_bitmask(cls, compressed: torch.Tensor, bitmask: torch.Tensor, name: str | None = None) -> Sparse24Weight:
-        """From sparse-24-bitmask tensors (``compressed`` [out, in/2], ``bitmask`` uint8 [out, in/8])."""
-        label = f"{name}: " if name else ""
-        out_features, half = compressed.shape
-        in_features = 2 * half
-        ok, reason = layout_supported(out_features, in_features, compressed.dtype)
-        if not ok:
-            raise ValueError(label + reason)
-        if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out_features, in_features // 8):
-            raise ValueError(
-                f"{label}bitmask must be uint8 [{out_features}, {in_features // 8}], "
-                f"got {bitmask.dtype} {list(bitmask.shape)}"
-            )
-        index_bytes = nibble_table(bitmask.device)[bitmask.long()]
-        bad = index_bytes == 0xFF
-        if bool(bad.any()):
-            row, byte = (int(v) for v in bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"{label}bitmask is not 2:4: a group of 4 inputs in row {row}, columns {8 * byte}-{8 * byte + 7}, "
-                "does not have exactly 2 kept weights"
-            )
-        indices = index_bytes.contiguous().view(torch.int32)
-        return cls(compressed.contiguous(), indices)
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, name: str | None = None) -> Sparse24Weight:
-        """From a dense 2:4 weight (at most 2 nonzeros per group of 4; refused otherwise)."""
-        if weight.dim() != 2:
-            raise ValueError(f"{name or 'weight'}: expected a 2-D weight, got shape {list(weight.shape)}")
-        ok, reason = layout_supported(*weight.shape, weight.dtype)
-        if not ok:
-            raise ValueError(f"{name + ': ' if name else ''}{reason}")
-        tensors = compress_sparse_24_bitmask(weight, name)
-        return cls.from_bitmask(tensors["compressed"], tensors["bitmask"], name)
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense [out, in] weight (for checks)."""
-        out_features, in_features = self.shape
-        nibbles = self.indices.view(torch.uint8).view(out_features, -1, 1)
-        nibbles = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).view(out_features, in_features // 4).long()
-        columns = torch.stack((nibbles & 3, nibbles >> 2), dim=-1)  # [out, G, 2]
-        dense = torch.zeros(out_features, in_features // 4, 4, dtype=self.values.dtype, device=self.values.device)
-        dense.scatter_(-1, columns, self.values.view(out_features, -1, 2))
-        return dense.view(out_features, in_features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,61 +234,6 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------
 # launch
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockConfig:
-    """One launch configuration: tile sizes, inner path, split-K and Triton's warps / stages."""
-
-    block_out: int = 16
-    block_g: int = 64
-    block_n: int = 1
-    split_k: int = 1
-    dot: bool = False
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def as_list(self) -> list[int]:
-        return [self.block_out, self.block_g, self.block_n, self.split_k, int(self.dot), self.num_warps, self.num_stages]
-
-    @classmethod
-    def from_list(cls, items) -> BlockConfig:
-        bo, bg, bn, sk, dot, warps, stages = (int(v) for v in items)
-        return cls(bo, bg, bn, sk, bool(dot), warps, stages)
-
-    def check(self, out_features: int, in_features: int) -> None:
-        """Refuse a configuration that does not tile this shape (or that tl.dot cannot run)."""
-        groups = in_features // 4
-        problems = []
-        if out_features % self.block_out:
-            problems.append(f"out {out_features} % block_out {self.block_out} != 0")
-        if groups % (self.block_g * self.split_k):
-            problems.append(f"in/4 = {groups} groups % (block_g {self.block_g} * split_k {self.split_k}) != 0")
-        if self.block_g % 8:
-            problems.append(f"block_g {self.block_g} is not a multiple of 8 (one index word)")
-        if self.dot and min(self.block_out, self.block_g, self.block_n) < 16:
-            problems.append("the dot path needs block_out, block_g and block_n >= 16")
-        if problems:
-            raise ValueError(f"block config {self} does not fit a {out_features}x{in_features} weight: " + "; ".join(problems))
-
-
-def default_config(n_tokens: int, out_features: int, in_features: int) -> BlockConfig:
-    """A configuration that fits the shape: gather up to 8 tokens, tensor-core dot above.
-
-    One token: 16 rows x 128 groups, 8 warps, 3 stages, no split-K; the sweep on an H200
-    (benchmarks/results/h200-decode-sweep.jsonl) found it within 7% of each Llama shape's best.
-    """
-    groups = in_features // 4
-    if n_tokens <= 1:
-        if groups % 128 == 0:
-            return BlockConfig(16, 128, 1, 1, False, 8, 3)
-        return BlockConfig(16, next(g for g in (64, 32, 16) if groups % g == 0), 1, 1, False, 4, 3)
-    block_n = 1 << (n_tokens - 1).bit_length()
-    dot = block_n > 8
-    block_n = min(max(block_n, 16), 64) if dot else block_n
-    block_out = 64 if dot and out_features % 64 == 0 else (32 if dot and out_features % 32 == 0 else 16)
-    block_g = next(g for g in (64, 32, 16) if groups % g == 0)
-    return BlockConfig(block_out, block_g, block_n, 1, dot, 4, 2)
-
-
 def matmul(
     x: torch.Tensor, weight: Sparse24Weight, bias: torch.Tensor | None = None, config: BlockConfig | None = None
 ) -> torch.Tensor:
