@@ -114,18 +114,18 @@ def _warm(item: tuple[list[int], str]) -> str:
     """Compile one configuration into Triton's on-disk cache (a worker process; no launch)."""
     config, dtype = BlockConfig.from_list(item[0]), getattr(torch, item[1])
     try:
-        main_kernel, gemv_kernel, _ = triton_24._jitted()
+        gemv_kernel, dot_kernel, _ = triton_24._jitted()
         y_dtype = dtype if config.split_k == 1 else torch.float32
         # Every benchmarked shape has in, out, in/4/split_k divisible by 16, as these do, so the
         # compiled specialization is the one the timed calls look up.
         args = (dtype, dtype, torch.int32, dtype, y_dtype, 1, 4096, 4096, 4096, 1024 // config.split_k)
         common = dict(grid=(1,), HAS_BIAS=False, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g,
-                      SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-                      num_stages=config.num_stages)
-        if config.block_n == 1 and not config.dot:
-            gemv_kernel.warmup(*args, **common)
+                      BLOCK_N=config.block_n, SPLIT_K=config.split_k, NUM_STAGES=config.num_stages,
+                      num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.dot:
+            dot_kernel.warmup(*args, **common, UPCAST_DOT=False)
         else:
-            main_kernel.warmup(*args, **common, BLOCK_N=config.block_n, DOT=config.dot, UPCAST_DOT=False)
+            gemv_kernel.warmup(*args, **common)
         return ""
     except Exception as error:  # reported, then compiled (or refused) again when timed
         return f"{config}: {error!r}"[:300]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unipruning_modifier.checkpoint import SparseFormatError, compress_sparse_24_bitmask
-from unipruning_modifier.serving import kernels, measure, triton_24, triton_24_layout
+from unipruning_modifier.serving import kernels, measure, triton_24, triton_24_configs, triton_24_layout
 from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
 from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
@@ -122,6 +122,7 @@ def test_default_config_fits(n, shape):
         (BlockConfig(block_g=64, split_k=2), "block_g 64 \\* split_k 2"),
         (BlockConfig(block_g=12), "multiple of 8"),
         (BlockConfig(block_n=8, dot=True), "dot path"),
+        (BlockConfig(block_n=16), "gather path takes block_n 1-8"),
     ],
 )
 def test_config_refusals(config, match):
@@ -132,6 +133,20 @@ def test_config_refusals(config, match):
 def test_config_list_round_trip():
     config = BlockConfig(64, 32, 16, 2, True, 8, 3)
     assert BlockConfig.from_list(config.as_list()) == config
+    assert config.describe() == "dot 64x32 n16 sk2 w8 s3"
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("shape", [(16, 64), (4096, 14336), (14336, 4096), (4096, 11008), (28672, 8192)])
+def test_candidate_configs(n, shape):
+    candidates = triton_24_configs.candidate_configs(n, *shape)
+    assert candidates[0] == default_config(n, *shape)
+    assert len(set(candidates)) == len(candidates) <= 4
+    for config in candidates:
+        config.check(*shape)
+        assert config.block_n == candidates[0].block_n and config.dot == (n > 8)
+    if n <= 8 and shape[1] % 512 == 0:  # 128 groups x split-K 2 fit: all four
+        assert len(candidates) == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +156,9 @@ CASES = [  # (n tokens, config); shape 64 x 256 (64 groups)
     (1, BlockConfig(16, 16, 1, 1, False)),
     (1, BlockConfig(32, 32, 1, 2, False)),
     (2, BlockConfig(16, 64, 2, 1, False)),
-    (3, BlockConfig(16, 16, 4, 4, False)),
+    (3, BlockConfig(16, 16, 4, 4, False)),  # one token past the end, split-K
+    (5, BlockConfig(16, 32, 8, 2, False)),
+    (8, BlockConfig(16, 16, 4, 1, False)),  # two token blocks
     (7, BlockConfig(64, 16, 8, 1, False)),
     (5, BlockConfig(16, 16, 16, 1, True)),
     (16, BlockConfig(32, 32, 16, 2, True)),

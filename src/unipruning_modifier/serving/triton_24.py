@@ -5,16 +5,18 @@ layout of ``triton_24_layout`` (kept values + 4-bit group codes), 1.125 bytes pe
 
 One program computes ``BLOCK_OUT`` outputs for ``BLOCK_N`` tokens over one of ``SPLIT_K``
 slices of the input, ``BLOCK_G`` groups (4 * BLOCK_G inputs) per step, with coalesced row-major
-loads of values and index words (software-pipelined ``num_stages`` deep when > 1). Two inner
-paths:
+loads of values and index words (software-pipelined ``num_stages`` deep when > 1). Two paths:
 
-* gather (``DOT=False``, 1-8 tokens): each kept value is multiplied by ``x[t, 4g + i]``, loaded
-  by index from x (a few KB, served by L1/L2), fp32 FMAs; no zeros are ever multiplied. One
-  token per program runs ``_sparse24_gemv_kernel`` on flat tiles (lanes along the row); 2-8
-  tokens still use 3-D tiles, which Triton lays out across rows, and lose to dense.
-* dot (``DOT=True``, 16+ tokens): the tile is expanded in registers into the four in-group
-  column planes (``W[:, 4g + c]``, c = 0..3) and multiplied with the matching strided columns of
-  x on the tensor cores (``tl.dot``, fp32 accumulation).
+* gather (``_sparse24_gemv_kernel``, 1-8 tokens): flat [BLOCK_OUT * BLOCK_G] tiles (lanes along
+  the row, 16-byte value loads). Each step's values and index words are loaded once and used
+  for every token: one fp32 accumulator per token, each kept value multiplied by
+  ``x[t, 4g + i]`` gathered by index from x (a few KB, served by L1/L2). No zeros are
+  multiplied. 2-D / 3-D tiles here let Triton put a warp across rows (uncoalesced loads and a
+  shared-memory layout conversion every step): 0.42-0.55x dense at one token, 0.65-0.81x at
+  2-4 tokens on an H200, which is why the tiles are flat.
+* dot (``_sparse24_dot_kernel``, 16+ tokens): the tile is expanded in registers into the four
+  in-group column planes (``W[:, 4g + c]``, c = 0..3) and multiplied with the matching strided
+  columns of x on the tensor cores (``tl.dot``, fp32 accumulation).
 
 Split-K (to fill the GPU's multiprocessors with few output rows) writes fp32 partial sums that a
 second small kernel adds in a fixed order, so results are deterministic (no atomics). Bias is
@@ -53,7 +55,7 @@ def triton_available() -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------
 # kernels (plain functions, wrapped by triton.jit / the interpreter on first use)
 # --------------------------------------------------------------------------------------------
-def _sparse24_kernel(
+def _sparse24_dot_kernel(
     x_ptr,
     v_ptr,
     idx_ptr,
@@ -69,11 +71,14 @@ def _sparse24_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    DOT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """y[t, r] (SPLIT_K == 1) or partial[k, t, r] (fp32) for one block of rows, tokens, K slice."""
+    """The tensor-core path (16+ tokens): y[t, r] (SPLIT_K == 1) or partial[k, t, r] (fp32).
+
+    The [BLOCK_OUT, BLOCK_G] tile is expanded in registers into the four in-group column planes
+    (``W[:, 4g + c]``, c = 0..3), each multiplied with the matching strided columns of x.
+    """
     pid_out = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -87,15 +92,7 @@ def _sparse24_kernel(
     value_rows = v_ptr + rows.to(tl.int64)[:, None] * (in_features // 2)
     index_rows = idx_ptr + rows.to(tl.int64)[:, None] * (in_features // 32)
     x_tokens = x_ptr + tokens.to(tl.int64) * stride_x
-    # Gather path: up to 2 tokens, per-lane partial sums reduced once at the end; more tokens
-    # reduce every step (a [BLOCK_N, BLOCK_OUT, BLOCK_G] fp32 accumulator would spill).
-    # BLOCK_G must be a multiple of 8 (whole index words); the caller checks.
-    if DOT:
-        acc = tl.zeros([BLOCK_OUT, BLOCK_N], dtype=tl.float32)
-    elif BLOCK_N <= 2:
-        acc = tl.zeros([BLOCK_N, BLOCK_OUT, BLOCK_G], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_OUT], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_OUT, BLOCK_N], dtype=tl.float32)
     g_begin = pid_k * groups_per_split
     for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         groups = g_begin + step + lanes
@@ -107,35 +104,20 @@ def _sparse24_kernel(
         nibble = tl.reshape((words[:, :, None] >> nibble_shifts[None, None, :]) & 15, [BLOCK_OUT, BLOCK_G])
         i0 = nibble & 3
         i1 = nibble >> 2
-        if DOT:
-            zero = tl.zeros_like(v0)
-            for c in tl.static_range(4):
-                if c == 0:
-                    plane = tl.where(i0 == 0, v0, zero)
-                elif c == 3:
-                    plane = tl.where(i1 == 3, v1, zero)
-                else:
-                    plane = tl.where(i0 == c, v0, tl.where(i1 == c, v1, zero))
-                xc = tl.load(x_tokens[None, :] + (4 * groups + c)[:, None], mask=token_ok[None, :], other=0.0)
-                if UPCAST_DOT:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                    acc = tl.dot(plane.to(tl.float32), xc.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(plane, xc, acc)
-        else:
-            columns = (4 * groups)[None, :]
-            x0 = tl.load(x_tokens[:, None, None] + (columns + i0)[None, :, :], mask=token_ok[:, None, None], other=0.0)
-            x1 = tl.load(x_tokens[:, None, None] + (columns + i1)[None, :, :], mask=token_ok[:, None, None], other=0.0)
-            products = v0.to(tl.float32)[None, :, :] * x0.to(tl.float32) + v1.to(tl.float32)[None, :, :] * x1.to(tl.float32)
-            if BLOCK_N <= 2:
-                acc += products
+        zero = tl.zeros_like(v0)
+        for c in tl.static_range(4):
+            if c == 0:
+                plane = tl.where(i0 == 0, v0, zero)
+            elif c == 3:
+                plane = tl.where(i1 == 3, v1, zero)
             else:
-                acc += tl.sum(products, axis=2)
-    if DOT:
-        out = tl.trans(acc)  # [BLOCK_N, BLOCK_OUT]
-    elif BLOCK_N <= 2:
-        out = tl.sum(acc, axis=2)
-    else:
-        out = acc
+                plane = tl.where(i0 == c, v0, tl.where(i1 == c, v1, zero))
+            xc = tl.load(x_tokens[None, :] + (4 * groups + c)[:, None], mask=token_ok[None, :], other=0.0)
+            if UPCAST_DOT:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                acc = tl.dot(plane.to(tl.float32), xc.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(plane, xc, acc)
+    out = tl.trans(acc)  # [BLOCK_N, BLOCK_OUT]
     offsets = tokens.to(tl.int64)[:, None] * out_features + rows[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -160,47 +142,62 @@ def _sparse24_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """The gather path for one token per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
+    """The gather path for 1-8 tokens per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
 
     Flat tiles leave Triton one layout (lanes along the row, 16-byte value loads) where a 2-D
-    gather tile let it put lanes across rows (uncoalesced, with shared-memory conversions).
-    Element e of a tile is row e // BLOCK_G, group e % BLOCK_G.
+    or 3-D gather tile let it put lanes across rows (uncoalesced, with shared-memory
+    conversions). Element e of a tile is row e // BLOCK_G, group e % BLOCK_G. Each step loads
+    the values and index words once and reuses them for every token: one flat fp32 accumulator
+    per token (a tuple), x gathered by index per token.
     """
     pid_out = tl.program_id(0)
     pid_k = tl.program_id(1)
-    token = tl.program_id(2).to(tl.int64)  # the grid has exactly n_tokens programs on axis 2
+    token0 = tl.program_id(2) * BLOCK_N
     row0 = pid_out * BLOCK_OUT
     tile = tl.arange(0, BLOCK_OUT * BLOCK_G)
     value_offsets = tl.arange(0, 2 * BLOCK_OUT * BLOCK_G)
     word_offsets = tl.arange(0, BLOCK_OUT * BLOCK_G // 8)
     value_rows = v_ptr + (row0 + value_offsets // (2 * BLOCK_G)).to(tl.int64) * (in_features // 2) + value_offsets % (2 * BLOCK_G)
     word_rows = idx_ptr + (row0 + word_offsets // (BLOCK_G // 8)).to(tl.int64) * (in_features // 32) + word_offsets % (BLOCK_G // 8)
-    x_row = x_ptr + token * stride_x
+    # Tokens past the last one read the last token's x (valid memory); their sums are not stored.
+    x_rows = ()
+    for t in tl.static_range(BLOCK_N):
+        x_rows = x_rows + (x_ptr + tl.minimum(token0 + t, n_tokens - 1).to(tl.int64) * stride_x,)
     nibble_shifts = 4 * tl.arange(0, 8)
-    acc = tl.zeros([BLOCK_OUT * BLOCK_G], dtype=tl.float32)
+    acc = (tl.zeros([BLOCK_OUT * BLOCK_G], dtype=tl.float32),) * BLOCK_N
     g_begin = pid_k * groups_per_split
     for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         g_start = g_begin + step
         kept = tl.load(value_rows + 2 * g_start)
         v0, v1 = tl.split(tl.reshape(kept, [BLOCK_OUT * BLOCK_G, 2]))
+        v0 = v0.to(tl.float32)
+        v1 = v1.to(tl.float32)
         words = tl.load(word_rows + g_start // 8)
         nibble = tl.reshape((words[:, None] >> nibble_shifts[None, :]) & 15, [BLOCK_OUT * BLOCK_G])
         columns = 4 * (g_start + tile % BLOCK_G)
-        x0 = tl.load(x_row + columns + (nibble & 3))
-        x1 = tl.load(x_row + columns + (nibble >> 2))
-        acc += v0.to(tl.float32) * x0.to(tl.float32) + v1.to(tl.float32) * x1.to(tl.float32)
-    out = tl.sum(tl.reshape(acc, [BLOCK_OUT, BLOCK_G]), axis=1)
+        c0 = columns + (nibble & 3)
+        c1 = columns + (nibble >> 2)
+        summed = ()
+        for t in tl.static_range(BLOCK_N):
+            x0 = tl.load(x_rows[t] + c0).to(tl.float32)
+            x1 = tl.load(x_rows[t] + c1).to(tl.float32)
+            summed = summed + (acc[t] + v0 * x0 + v1 * x1,)
+        acc = summed
     rows = row0 + tl.arange(0, BLOCK_OUT)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptr + token * out_features + rows, out.to(y_ptr.dtype.element_ty))
-    else:
-        partial = y_ptr + pid_k.to(tl.int64) * n_tokens * out_features
-        tl.store(partial + token * out_features + rows, out)
+    for t in tl.static_range(BLOCK_N):
+        token = token0 + t
+        out = tl.sum(tl.reshape(acc[t], [BLOCK_OUT, BLOCK_G]), axis=1)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows).to(tl.float32)
+            tl.store(y_ptr + token.to(tl.int64) * out_features + rows, out.to(y_ptr.dtype.element_ty), mask=token < n_tokens)
+        else:
+            partial = y_ptr + (pid_k.to(tl.int64) * n_tokens + token) * out_features
+            tl.store(partial + rows, out, mask=token < n_tokens)
 
 
 def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -217,11 +214,11 @@ def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.con
 
 @functools.cache
 def _jitted():
-    """(main, one-token gather, split-sum) kernels through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
+    """(gather, dot, split-sum) kernels through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
     # n_tokens is not specialized: n = 1 and n % 16 == 0 would otherwise each compile anew.
     return (
-        triton.jit(_sparse24_kernel, do_not_specialize=["n_tokens"]),
         triton.jit(_sparse24_gemv_kernel, do_not_specialize=["n_tokens"]),
+        triton.jit(_sparse24_dot_kernel, do_not_specialize=["n_tokens"]),
         triton.jit(_split_sum_kernel),
     )
 
@@ -265,26 +262,20 @@ def matmul(
     y = torch.empty(n_tokens, out_features, dtype=x.dtype, device=x.device)
     if n_tokens == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    main, gemv, split_sum = _jitted()
+    gemv, dot, split_sum = _jitted()
     groups_per_split = in_features // 4 // config.split_k
     partial = y if config.split_k == 1 else torch.empty(config.split_k, n_tokens, out_features, dtype=torch.float32, device=x.device)
     grid = (out_features // config.block_out, config.split_k, triton.cdiv(n_tokens, config.block_n))
     args = (x2, weight.values, weight.indices, bias if bias is not None else y, partial, n_tokens, in_features, out_features)
-    common = dict(HAS_BIAS=bias is not None, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g, SPLIT_K=config.split_k)
+    args += (x2.stride(0), groups_per_split)
+    common = dict(
+        HAS_BIAS=bias is not None, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g, BLOCK_N=config.block_n, SPLIT_K=config.split_k
+    )
     launch = dict(NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.block_n == 1 and not config.dot:
-        gemv[grid](*args, x2.stride(0), groups_per_split, **common, **launch)
+    if config.dot:
+        dot[grid](*args, **common, UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(), **launch)
     else:
-        main[grid](
-            *args,
-            x2.stride(0),
-            groups_per_split,
-            **common,
-            BLOCK_N=config.block_n,
-            DOT=config.dot,
-            UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
-            **launch,
-        )
+        gemv[grid](*args, **common, **launch)
     if config.split_k > 1:
         numel = n_tokens * out_features
         block = 1024
