@@ -100,6 +100,61 @@ def test_small_layers_skip_the_algorithm_search(monkeypatch):
         cusparselt.search_algorithm(torch.zeros(1), torch.zeros(8, 1024), 1024, 1024)
 
 
+def test_measure_shape_times_each_config_and_keeps_the_fastest(monkeypatch):
+    """Several configs per bucket: each timed once, the fastest timed again for the row (fake clock)."""
+    from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
+
+    slow, fast = BlockConfig(16, 16, 1), BlockConfig(16, 16, 1, 2)
+    speeds = {slow: [2.0], fast: [0.5, 0.7]}  # the winner's second timing goes into the row
+    monkeypatch.setattr(measure, "rotation_copies", lambda weight: 1)
+    monkeypatch.setattr(measure.triton_24, "matmul", lambda x, t, bias, config: config)
+
+    def fake_time_ms(calls, iters, graph):
+        out = calls[0]()
+        return speeds.setdefault(out, [1.1]).pop(0) if isinstance(out, BlockConfig) else 1.0
+
+    monkeypatch.setattr(measure, "time_ms", fake_time_ms)
+    weight = measure.random_24(16, 64, torch.bfloat16, "cpu")
+    rows = measure.measure_shape(weight, (1, 2), candidates=("dense", "triton_24"), triton_configs={1: [slow, fast]})
+    assert rows[0]["triton_24_ms"] == 0.7 and rows[0]["triton_config"] == fast.as_list()
+    assert rows[0]["triton_tried"] == [[slow.as_list(), 2.0], [fast.as_list(), 0.5]]
+    assert rows[1]["triton_config"] == default_config(2, 16, 64).as_list() and rows[1]["triton_tried"] is None
+    assert rows[0]["dense_ms"] == 1.0 and rows[0]["cslt_ms"] is None
+
+
+def test_decide_uses_the_measured_configs(monkeypatch):
+    """decide() hands candidate configs per decode bucket to the measurement and keeps what won."""
+    from unipruning_modifier.serving.triton_24_configs import BlockConfig, candidate_configs
+
+    won = BlockConfig(16, 64, 1, 2, False, 4, 3)
+    seen = {}
+
+    def fake_measure(weight, buckets, candidates, triton_configs):
+        seen.update(candidates=candidates, configs=triton_configs)
+        rows = []
+        for n in buckets:
+            row = {"n": n, "dense_ms": 1.0, "triton_24_ms": None, "triton_config": None, "cslt_ms": None, "alg_id": 0}
+            if n in triton_configs:
+                row.update(triton_24_ms=0.8 if n == 1 else 1.2, triton_config=(won if n == 1 else triton_configs[n][0]).as_list())
+            rows.append(row)
+        return rows
+
+    monkeypatch.setattr(kernels, "measure_shape", fake_measure)
+    monkeypatch.setattr(kernels, "random_24", lambda *args: None)
+    monkeypatch.setattr(kernels, "kernel_available", lambda device: (False, "no cuSPARSELt"))
+    monkeypatch.setattr(kernels, "triton_kernel_available", lambda device: (True, "triton"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    monkeypatch.setattr(kernels, "_DECISIONS", {})
+    decision = kernels.decide(torch.empty(4096, 14336, dtype=torch.bfloat16, device="meta"), "auto")
+    assert seen["candidates"] == ("dense", "triton_24")
+    assert seen["configs"] == {n: candidate_configs(n, 4096, 14336) for n in (1, 2, 4, 8, 16, 32, 64)}
+    assert decision.choices == ["triton_24"] + ["dense"] * (N_B - 1)
+    assert decision.triton_configs[0] == won.as_list()
+    assert decision.triton_configs[1] == candidate_configs(2, 4096, 14336)[0].as_list()
+    text = decision.describe()
+    assert "triton_24 for n = 1" in text and "n=1 gather 16x64 n1 sk2 w4 s3" in text and text.endswith(" s)")
+
+
 def test_cpu_weights_stay_dense():
     weight = measure.random_24(64, 64, torch.bfloat16, "cpu")
     decision = kernels.decide(weight, "auto")

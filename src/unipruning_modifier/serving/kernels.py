@@ -6,11 +6,14 @@ bucket (``N_BUCKETS``, a call with n tokens uses the smallest bucket >= n):
 
 * ``dense``: ``F.linear`` on the dense weight (cuBLAS);
 * ``triton_24``: ``triton_24.matmul`` reading values + 2-bit indices (1.125 bytes per weight
-  instead of 2), for buckets up to ``measure.TRITON_MAX_N`` tokens (decode);
+  instead of 2), for buckets up to ``measure.TRITON_MAX_N`` tokens (decode), each bucket with
+  the fastest of ``triton_24_configs.candidate_configs`` (up to four block configs per bucket of
+  1-8 tokens: the best one differs by shape);
 * ``cslt``: cuSPARSELt (``cusparselt.sparse_mm`` with the algorithm searched for that bucket).
 
 Each bucket runs the fastest candidate; a sparse kernel only when it was faster than dense in
-that measurement. The layer keeps only the weight copies some bucket
+that measurement. The decision (with the Triton configs picked and the seconds the measurement
+took) is what vLLM's log line shows per layer. The layer keeps only the weight copies some bucket
 uses (dense 1x, Triton layout 0.56x, cuSPARSELt 0.56x the dense bytes).
 
 Why measured and not assumed: on an H100 with torch 2.11 the cuSPARSELt call costs a flat
@@ -23,13 +26,14 @@ How each is timed: ``measure.py``. ``UNIPRUNING_SPARSE_KERNEL`` overrides:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import cusparselt, triton_24
-from .measure import measure_shape, random_24
-from .triton_24_configs import BlockConfig, default_config
+from .measure import TRITON_MAX_N, measure_shape, random_24
+from .triton_24_configs import BlockConfig, candidate_configs, default_config
 from .triton_24_layout import Sparse24Weight, layout_supported
 
 __all__ = [
@@ -125,6 +129,7 @@ class KernelDecision:
     triton_configs: list[list[int]] = field(default_factory=lambda: [BlockConfig().as_list()] * len(N_BUCKETS))
     rows: list[dict] = field(default_factory=list)
     reason: str = ""
+    seconds: float = 0.0  # how long measuring this shape took at load
 
     @property
     def sparse(self) -> bool:
@@ -155,8 +160,9 @@ class KernelDecision:
 _DECISIONS: dict[tuple, KernelDecision] = {}
 
 
-def _summary(rows: list[dict], choices: list[str]) -> str:
-    """Best speedup over dense of each sparse kernel that was picked somewhere, with its n."""
+def _summary(rows: list[dict], choices: list[str], seconds: float) -> str:
+    """Best speedup over dense of each sparse kernel picked somewhere, the Triton block config of
+    each bucket that runs it, and how long the measurement took."""
     parts = []
     for kernel in KERNELS[1:]:
         picked = [r for r, c in zip(rows, choices) if c == kernel]
@@ -169,7 +175,10 @@ def _summary(rows: list[dict], choices: list[str]) -> str:
             if timed:
                 best = max(timed, key=lambda r: r["dense_ms"] / r[f"{kernel}_ms"])
                 parts.append(f"{kernel} best {best['dense_ms'] / best[f'{kernel}_ms']:.2f}x at n={best['n']}")
-    return "measured: " + ("; ".join(parts) or "no sparse candidate")
+    configs = [f"n={r['n']} {BlockConfig.from_list(r['triton_config']).describe()}" for r, c in zip(rows, choices) if c == "triton_24"]
+    if configs:
+        parts.append("triton_24 configs " + ", ".join(configs))
+    return "measured: " + ("; ".join(parts) or "no sparse candidate") + f"; {seconds:.1f} s"
 
 
 def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
@@ -196,14 +205,19 @@ def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
     if forced == "triton_24":
         decision = KernelDecision(["triton_24"] * len(N_BUCKETS), triton_configs=configs, reason=f"UNIPRUNING_SPARSE_KERNEL={mode}")
     else:
+        start = time.monotonic()
         candidates = ("dense",) + (("triton_24",) if tri_ok and forced is None else ()) + (("cslt",) if cslt_ok else ())
-        rows = measure_shape(random_24(out_features, in_features, weight.dtype, weight.device), N_BUCKETS, candidates=candidates)
+        tuned = {n: candidate_configs(n, out_features, in_features) for n in N_BUCKETS if n <= TRITON_MAX_N}
+        sample = random_24(out_features, in_features, weight.dtype, weight.device)
+        rows = measure_shape(sample, N_BUCKETS, candidates=candidates, triton_configs=tuned)
+        seconds = time.monotonic() - start
         algs = [r["alg_id"] for r in rows]
+        configs = [r["triton_config"] or c for r, c in zip(rows, configs)]
         if forced == "cslt":
-            decision = KernelDecision(["cslt"] * len(N_BUCKETS), algs, configs, rows, f"UNIPRUNING_SPARSE_KERNEL={mode}")
+            decision = KernelDecision(["cslt"] * len(N_BUCKETS), algs, configs, rows, f"UNIPRUNING_SPARSE_KERNEL={mode}", seconds)
         else:
             choices = choose_kernels(rows)
-            decision = KernelDecision(choices, algs, configs, rows, _summary(rows, choices))
+            decision = KernelDecision(choices, algs, configs, rows, _summary(rows, choices, seconds), seconds)
     _DECISIONS[key] = decision
     return decision
 

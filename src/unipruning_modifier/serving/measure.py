@@ -72,19 +72,33 @@ def rotation_copies(weight: torch.Tensor) -> int:
     return max(1, min(8, math.ceil(4 * l2 / (weight.numel() * weight.element_size()))))
 
 
+def _fastest_config(tri: list[Sparse24Weight], x: torch.Tensor, configs: list[BlockConfig], iters: int) -> tuple[BlockConfig, list]:
+    """The fastest of ``configs`` for these weight copies, and [[config, ms], ...] for each tried."""
+    tried = []
+    for config in configs:
+        ms = time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, True)
+        tried.append([config.as_list(), ms])
+    best = min(range(len(configs)), key=lambda i: tried[i][1])
+    return configs[best], tried
+
+
 def measure_shape(
     weight: torch.Tensor,
     buckets: tuple[int, ...],
     iters: int = 20,
     candidates: tuple[str, ...] = ("dense", "triton_24", "cslt"),
-    triton_configs: dict[int, BlockConfig] | None = None,
+    triton_configs: dict[int, list[BlockConfig]] | None = None,
     repeats: int = 1,
 ) -> list[dict]:
     """Per bucket n: ms per call of each candidate kernel for [n, in] @ W.T (None: not a candidate).
 
-    Each time is the median of ``repeats`` timings of ``iters`` calls.
+    Each time is the median of ``repeats`` timings of ``iters`` calls. Triton runs the
+    configurations ``triton_configs[n]`` (default: ``default_config``); with more than one, each
+    is timed once, and the fastest is timed again for the row (a fresh timing, so that picking
+    the minimum of noisy timings does not flatter it against dense).
     Rows: ``m``, ``k``, ``n``, ``dtype``, ``dense_ms``, ``triton_24_ms``, ``cslt_ms``,
-    ``alg_id`` (cuSPARSELt) and ``triton_config`` (``BlockConfig.as_list()``).
+    ``alg_id`` (cuSPARSELt), ``triton_config`` (``BlockConfig.as_list()``) and
+    ``triton_tried`` ([[config, ms], ...] when several were timed).
     """
     out_features, in_features = weight.shape
     copies = [weight] + [weight.clone() for _ in range(rotation_copies(weight) - 1)]
@@ -95,9 +109,12 @@ def measure_shape(
         x = torch.randn(n, in_features, device=weight.device, dtype=weight.dtype)
         row = {"m": out_features, "k": in_features, "n": n, "dtype": str(weight.dtype).removeprefix("torch.")}
         row["dense_ms"] = median_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in copies], iters, True, repeats)
-        row["triton_24_ms"] = row["triton_config"] = None
+        row["triton_24_ms"] = row["triton_config"] = row["triton_tried"] = None
         if tri is not None and n <= TRITON_MAX_N:
-            config = (triton_configs or {}).get(n) or default_config(n, out_features, in_features)
+            configs = (triton_configs or {}).get(n) or [default_config(n, out_features, in_features)]
+            config = configs[0]
+            if len(configs) > 1:
+                config, row["triton_tried"] = _fastest_config(tri, x, configs, iters)
             calls = [lambda t=t: triton_24.matmul(x, t, None, config) for t in tri]
             row["triton_24_ms"] = median_ms(calls, iters, True, repeats)
             row["triton_config"] = config.as_list()
