@@ -312,4 +312,4 @@ def test_decision_is_measured_and_cached():
     assert [r["n"] for r in first.rows] == list(kernels.N_BUCKETS)
     assert all(r["dense_ms"] > 0 and r["cslt_ms"] > 0 for r in first.rows)
     assert all((r["triton_24_ms"] is not None) == (r["n"] <= measure.TRITON_MAX_N) for r in first.rows)
-    assert first.choices == kernels.choose_kernels(first.rows)
+    assert first.choices == kernels.choose_kernels(first.rows, kernels.PICK_MARGIN)

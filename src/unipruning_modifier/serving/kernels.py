@@ -11,8 +11,8 @@ bucket (``N_BUCKETS``, a call with n tokens uses the smallest bucket >= n):
   1-8 tokens: the best one differs by shape);
 * ``cslt``: cuSPARSELt (``cusparselt.sparse_mm`` with the algorithm searched for that bucket).
 
-Each bucket runs the fastest candidate; a sparse kernel only when it was faster than dense in
-that measurement. The decision (with the Triton configs picked and the seconds the measurement
+Each bucket runs the fastest candidate; a sparse kernel only when it was at least
+``PICK_MARGIN`` (3%) faster than dense in that measurement. The decision (with the Triton configs picked and the seconds the measurement
 took) is what vLLM's log line shows per layer. The layer keeps only the weight copies some bucket
 uses (dense 1x, Triton layout 0.56x, cuSPARSELt 0.56x the dense bytes).
 
@@ -39,6 +39,7 @@ from .triton_24_layout import Sparse24Weight, layout_supported
 __all__ = [
     "KERNELS",
     "N_BUCKETS",
+    "PICK_MARGIN",
     "KernelDecision",
     "Sparse24Linear",
     "bucket_index",
@@ -52,6 +53,9 @@ __all__ = [
 
 N_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384)
 KERNELS = ("dense", "triton_24", "cslt")
+# decide() picks a sparse kernel only where it measured at least this much faster than dense: a
+# load-time timing of 20 calls varies by a few percent, and a tie must not turn into a loss.
+PICK_MARGIN = 1.03
 _MODES = ("auto", "off", "triton", "cusparselt", "always")
 _FORCED = {"triton": "triton_24", "cusparselt": "cslt", "always": "cslt"}
 
@@ -216,7 +220,7 @@ def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
         if forced == "cslt":
             decision = KernelDecision(["cslt"] * len(N_BUCKETS), algs, configs, rows, f"UNIPRUNING_SPARSE_KERNEL={mode}", seconds)
         else:
-            choices = choose_kernels(rows)
+            choices = choose_kernels(rows, PICK_MARGIN)
             decision = KernelDecision(choices, algs, configs, rows, _summary(rows, choices, seconds), seconds)
     _DECISIONS[key] = decision
     return decision
