@@ -8,7 +8,8 @@ the L2 cache, median of ``--repeats`` timings of ``--iters`` calls) and prints o
 
 {"kernel": "dense" | "triton_24" | "cslt", "out", "in", "n", "dtype", "device", "seconds",
 "speedup_vs_dense", "gbps" (weight + x + y bytes per second), "peak_gbps" (a measured
-device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule picks for this n),
+device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule would pick for this
+n from these timings, ``kernels.PICK_MARGIN`` included),
 "config" (Triton block config) / "alg_id" (cuSPARSELt), "max_ulp_vs_dense" and
 "equal_to_dense" (fraction of outputs bit-identical to dense), "torch", "triton", "cusparselt"}
 
@@ -16,7 +17,7 @@ device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule pic
 shape and keeps the fastest (one ``"kernel": "triton_24_sweep"`` line per configuration in
 ``--sweep-out``; the winners in ``--tuned-out`` as JSON, readable again with ``--tuned``).
 
-    python benchmarks/sparse_matmul.py --tune --n 1 2 4 8 16 32 64 --out benchmarks/results/h200-decode.jsonl
+    python benchmarks/sparse_matmul.py --tune --n 1 2 4 8 --kernels dense triton_24 --out decode.jsonl --sweep-out sweep.jsonl
     python benchmarks/sparse_matmul.py --shapes 4096x14336 --n 1 16 4096 --kernels dense cslt
     python benchmarks/sparse_matmul.py --table benchmarks/results/h200-decode.jsonl
 
@@ -35,7 +36,7 @@ import time
 import torch
 
 from unipruning_modifier.serving import cusparselt, kernels, measure, triton_24
-from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
+from unipruning_modifier.serving.triton_24_configs import GATHER_MAX_N, BlockConfig, default_config
 from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
 # Linear shapes (out x in) of Llama-2-7B, Llama-3-8B and Llama-3-70B: as vLLM fuses them
@@ -62,19 +63,24 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def sweep_space(n: int) -> list[BlockConfig]:
-    """Triton block configurations tried by ``--tune`` for n tokens (the gather path up to 8)."""
-    block_n = 1 << max(0, (n - 1).bit_length())
-    space = []
-    if block_n <= 8:  # gather; 128-group steps only for 1-2 tokens (they spill above)
-        rows = (16, 32, 64) if block_n == 1 else (16, 32)
-        for bo, bg, sk, stages in itertools.product(rows, (32, 64, 128)[: 3 if block_n <= 2 else 2], (1, 2, 4), (1, 3)):
-            space.append(BlockConfig(bo, bg, block_n, sk, False, 4, stages))
-        space += [BlockConfig(16, 128, block_n, sk, False, 8, 3) for sk in (1, 2)]
-    if block_n >= 4:  # tensor-core dot; no 64-row blocks at 64 tokens (they spill)
-        dot_n = max(block_n, 16)
-        for bo, bg, sk, stages in itertools.product((16, 32, 64)[: 2 if dot_n == 64 else 3], (32, 64), (1, 2, 4), (2, 3)):
-            space.append(BlockConfig(bo, bg, dot_n, sk, True, 4, stages))
-    return space
+    """Triton block configurations tried by ``--tune`` for n tokens.
+
+    Gather (n <= 8, all tokens in one program): 16 or 32 rows x 64 or 128 groups, split-K 1, 2
+    or 4, 4 or 8 warps, 3 stages, at most 64 fp32 accumulators per thread (beyond that the
+    compiled kernel holds 128 registers and more would spill); it includes every config of
+    ``candidate_configs``. Dot (16+ tokens): the tensor-core path's tiles.
+    """
+    block_n = 1 << max(0, n - 1).bit_length()
+    if block_n <= GATHER_MAX_N:
+        space = itertools.product((16, 32), (64, 128), (1, 2, 4), (4, 8))
+        return [
+            BlockConfig(bo, bg, block_n, sk, False, warps, 3)
+            for bo, bg, sk, warps in space
+            if bo * bg // (32 * warps) * block_n <= 64
+        ]
+    dot_n = min(block_n, 64)  # no 64-row blocks at 64 tokens (they spill)
+    space = itertools.product((16, 32, 64)[: 2 if dot_n == 64 else 3], (32, 64), (1, 2, 4), (2, 3))
+    return [BlockConfig(bo, bg, dot_n, sk, True, 4, stages) for bo, bg, sk, stages in space]
 
 
 def fitting(configs: list[BlockConfig], out_features: int, in_features: int) -> list[BlockConfig]:
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned", help="JSON of tuned configs from an earlier --tuned-out")
     parser.add_argument("--tuned-out", help="write the tuned configs here (JSON)")
     parser.add_argument("--sweep-out", help="append the sweep's JSON lines here")
-    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop tuning after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop tuning this many seconds after the start (precompiling included)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--table", metavar="JSONL", help="only print the markdown table of a results file")
     args = parser.parse_args(argv)
@@ -240,14 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_24.triton_available()[1],
         "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
     }
+    deadline = time.monotonic() + args.budget_s
     peak = copy_bandwidth_gbps()
     if args.tune and "triton_24" in kinds:
         shapes = [parse_shape(text) for text in args.shapes]
         wanted = [c for n in args.n if n <= measure.TRITON_MAX_N for c in sweep_space(n) + [default_config(n, *shapes[0])]]
         wanted = [c for c in wanted if any(fitting([c], *shape) for shape in shapes)]
-        print(precompile(wanted, dtype), file=sys.stderr, flush=True)
+        print(precompile(wanted, dtype, timeout_s=min(90.0, args.budget_s)), file=sys.stderr, flush=True)
     tuned = json.load(open(args.tuned)) if args.tuned else {}
-    deadline = time.monotonic() + args.budget_s
     sink = open(args.out, "a") if args.out else None
     sweep_sink = open(args.sweep_out, "a") if args.sweep_out else None
     try:
@@ -267,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                     configs[n] = tune(tri, n, args.tune_iters, deadline, sweep_sink)
                 tuned.setdefault(f"{m}x{k}", {})[str(n)] = (configs.get(n) or default_config(n, m, k)).as_list()
             del tri
-            rows = measure.measure_shape(weight, tuple(args.n), args.iters, kinds, configs, args.repeats)
-            choices = kernels.choose_kernels(rows)
+            single = {n: [config] for n, config in configs.items()}
+            rows = measure.measure_shape(weight, tuple(args.n), args.iters, kinds, single, args.repeats)
+            choices = kernels.choose_kernels(rows, kernels.PICK_MARGIN)
             sparse = Sparse24Weight.from_dense(weight) if "triton_24" in kinds else None
             packed = torch._cslt_compress(weight) if "cslt" in kinds else None
             sizes = weight_bytes(weight, packed)
