@@ -177,7 +177,7 @@ def test_op_dense_branch_and_compile():
     x = torch.randn(3, 5, 32)
     w, b = torch.randn(48, 32), torch.randn(48)
     want = torch.nn.functional.linear(x, w, b)
-    args = (w, None, None, None, b, 48, [0] * N_B, [0] * N_B, [0] * (7 * N_B))
+    args = (w, None, None, None, b, 48, [0] * N_B, [0] * N_B, [0] * (8 * N_B))
     got = kernels.sparse24_linear(x, *args)
     torch.testing.assert_close(got, want)
     compiled = torch.compile(lambda x: kernels.sparse24_linear(x, *args), backend="eager", fullgraph=True)
@@ -190,7 +190,7 @@ def test_op_fake_shape():
     with FakeTensorMode():
         x = torch.empty(7, 2, 32)
         out = kernels.sparse24_linear(
-            x, None, torch.empty(10, dtype=torch.int8), None, None, None, 48, [2] * N_B, [0] * N_B, [0] * (7 * N_B)
+            x, None, torch.empty(10, dtype=torch.int8), None, None, None, 48, [2] * N_B, [0] * N_B, [0] * (8 * N_B)
         )
     assert out.shape == (7, 2, 48)
 

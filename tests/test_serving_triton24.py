@@ -123,6 +123,9 @@ def test_default_config_fits(n, shape):
         (BlockConfig(block_g=12), "multiple of 8"),
         (BlockConfig(block_n=8, dot=True), "dot path"),
         (BlockConfig(block_n=16), "gather path takes block_n 1-8"),
+        (BlockConfig(block_g=64, run=12), "run 12 must be a multiple of 8"),
+        (BlockConfig(block_g=32, run=64), "dividing block_g 32"),
+        (BlockConfig(16, 16, 16, 1, True, run=16), "gather path only"),
     ],
 )
 def test_config_refusals(config, match):
@@ -134,6 +137,8 @@ def test_config_list_round_trip():
     config = BlockConfig(64, 32, 16, 2, True, 8, 3)
     assert BlockConfig.from_list(config.as_list()) == config
     assert config.describe() == "dot 64x32 n16 sk2 w8 s3"
+    assert BlockConfig.from_list([16, 128, 1, 1, 0, 8, 3]) == BlockConfig(16, 128, 1, 1, False, 8, 3, 0)  # results before run
+    assert BlockConfig(16, 128, 4, 2, False, 8, 3, 16).describe() == "gather 16x128 n4 sk2 w8 s3 r16"
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
@@ -141,12 +146,12 @@ def test_config_list_round_trip():
 def test_candidate_configs(n, shape):
     candidates = triton_24_configs.candidate_configs(n, *shape)
     assert candidates[0] == default_config(n, *shape)
-    assert len(set(candidates)) == len(candidates) <= 4
+    assert len(set(candidates)) == len(candidates) <= 8
     for config in candidates:
         config.check(*shape)
         assert config.block_n == candidates[0].block_n and config.dot == (n > 8)
-    if n <= 8 and shape[1] % 512 == 0:  # 128 groups x split-K 2 fit: all four
-        assert len(candidates) == 4
+    if n <= 8 and shape[1] % 1024 == 0:  # 128 groups x split-K 2 fit: all eight
+        assert len(candidates) == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +165,9 @@ CASES = [  # (n tokens, config); shape 64 x 256 (64 groups)
     (5, BlockConfig(16, 32, 8, 2, False)),
     (8, BlockConfig(16, 16, 4, 1, False)),  # two token blocks
     (7, BlockConfig(64, 16, 8, 1, False)),
+    (1, BlockConfig(32, 32, 1, 1, False, run=8)),  # rows interleaved in runs of 8 groups
+    (4, BlockConfig(16, 32, 4, 2, False, run=16)),
+    (6, BlockConfig(16, 32, 8, 1, False, run=16)),
     (5, BlockConfig(16, 16, 16, 1, True)),
     (16, BlockConfig(32, 32, 16, 2, True)),
     (37, BlockConfig(64, 16, 32, 1, True)),
@@ -168,7 +176,7 @@ CASES = [  # (n tokens, config); shape 64 x 256 (64 groups)
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n, config", CASES, ids=[f"n{n}-{'dot' if c.dot else 'gather'}-sk{c.split_k}" for n, c in CASES])
+@pytest.mark.parametrize("n, config", CASES, ids=[f"n{n}-{'dot' if c.dot else 'gather'}-sk{c.split_k}-r{c.run}" for n, c in CASES])
 def test_kernel_matches_exact_product(dtype, n, config):
     gen = torch.Generator().manual_seed(n)
     w = make_24(64, 256, dtype, seed=n).to(DEVICE)

@@ -145,14 +145,19 @@ def _sparse24_gemv_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    RUN: tl.constexpr,
 ):
     """The gather path for 1-8 tokens per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
 
-    Flat tiles leave Triton one layout (lanes along the row, 16-byte value loads) where a 2-D
-    or 3-D gather tile let it put lanes across rows (uncoalesced, with shared-memory
-    conversions). Element e of a tile is row e // BLOCK_G, group e % BLOCK_G. Each step loads
-    the values and index words once and reuses them for every token: one flat fp32 accumulator
-    per token (a tuple), x gathered by index per token.
+    Flat tiles leave Triton one layout (consecutive lanes on consecutive elements, 16-byte
+    value loads) where a 2-D or 3-D gather tile let it put lanes across rows (uncoalesced,
+    with shared-memory conversions). The tile is cut into runs of RUN groups of one row, rows
+    interleaved: element e is group e % RUN of run e // (RUN * BLOCK_OUT), row
+    (e // RUN) % BLOCK_OUT. RUN = BLOCK_G puts a warp along one row (32 groups: x gathers span
+    256 bytes, two cache lines); RUN = 16 puts it on 16 groups of two rows (one line), with
+    the same loads and instructions. Each step loads the values and index words once and
+    reuses them for every token: one flat fp32 accumulator per token (a tuple), x gathered by
+    index per token.
     """
     pid_out = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -161,8 +166,18 @@ def _sparse24_gemv_kernel(
     tile = tl.arange(0, BLOCK_OUT * BLOCK_G)
     value_offsets = tl.arange(0, 2 * BLOCK_OUT * BLOCK_G)
     word_offsets = tl.arange(0, BLOCK_OUT * BLOCK_G // 8)
-    value_rows = v_ptr + (row0 + value_offsets // (2 * BLOCK_G)).to(tl.int64) * (in_features // 2) + value_offsets % (2 * BLOCK_G)
-    word_rows = idx_ptr + (row0 + word_offsets // (BLOCK_G // 8)).to(tl.int64) * (in_features // 32) + word_offsets % (BLOCK_G // 8)
+    value_rows = (
+        v_ptr
+        + (row0 + value_offsets // (2 * RUN) % BLOCK_OUT).to(tl.int64) * (in_features // 2)
+        + value_offsets // (2 * RUN * BLOCK_OUT) * (2 * RUN)
+        + value_offsets % (2 * RUN)
+    )
+    word_rows = (
+        idx_ptr
+        + (row0 + word_offsets // (RUN // 8) % BLOCK_OUT).to(tl.int64) * (in_features // 32)
+        + word_offsets // (RUN // 8 * BLOCK_OUT) * (RUN // 8)
+        + word_offsets % (RUN // 8)
+    )
     # Tokens past the last one read the last token's x (valid memory); their sums are not stored.
     x_rows = ()
     for t in tl.static_range(BLOCK_N):
@@ -178,7 +193,7 @@ def _sparse24_gemv_kernel(
         v1 = v1.to(tl.float32)
         words = tl.load(word_rows + g_start // 8)
         nibble = tl.reshape((words[:, None] >> nibble_shifts[None, :]) & 15, [BLOCK_OUT * BLOCK_G])
-        columns = 4 * (g_start + tile % BLOCK_G)
+        columns = 4 * (g_start + tile // (RUN * BLOCK_OUT) * RUN + tile % RUN)
         c0 = columns + (nibble & 3)
         c1 = columns + (nibble >> 2)
         summed = ()
@@ -190,7 +205,7 @@ def _sparse24_gemv_kernel(
     rows = row0 + tl.arange(0, BLOCK_OUT)
     for t in tl.static_range(BLOCK_N):
         token = token0 + t
-        out = tl.sum(tl.reshape(acc[t], [BLOCK_OUT, BLOCK_G]), axis=1)
+        out = tl.sum(tl.sum(tl.reshape(acc[t], [BLOCK_G // RUN, BLOCK_OUT, RUN]), axis=2), axis=0)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 out += tl.load(b_ptr + rows).to(tl.float32)
@@ -275,7 +290,7 @@ def matmul(
     if config.dot:
         dot[grid](*args, **common, UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(), **launch)
     else:
-        gemv[grid](*args, **common, **launch)
+        gemv[grid](*args, **common, **launch, RUN=config.run or config.block_g)
     if config.split_k > 1:
         numel = n_tokens * out_features
         block = 1024

@@ -20,7 +20,12 @@ GATHER_MAX_N = 8
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """One launch configuration: tile sizes, inner path, split-K and Triton's warps / stages."""
+    """One launch configuration: tile sizes, inner path, split-K and Triton's warps / stages.
+
+    ``run`` (gather path): groups of one row on consecutive lanes before the next row's, 0 for
+    all of ``block_g``; 16 puts a warp on 16 groups of two rows, so that its x gathers fall in
+    one cache line (see ``triton_24._sparse24_gemv_kernel``).
+    """
 
     block_out: int = 16
     block_g: int = 64
@@ -29,19 +34,22 @@ class BlockConfig:
     dot: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    run: int = 0
 
     def as_list(self) -> list[int]:
-        return [self.block_out, self.block_g, self.block_n, self.split_k, int(self.dot), self.num_warps, self.num_stages]
+        return [self.block_out, self.block_g, self.block_n, self.split_k, int(self.dot), self.num_warps, self.num_stages, self.run]
 
     @classmethod
     def from_list(cls, items) -> BlockConfig:
-        bo, bg, bn, sk, dot, warps, stages = (int(v) for v in items)
-        return cls(bo, bg, bn, sk, bool(dot), warps, stages)
+        """From ``as_list()``; lists of 7 (results written before ``run`` existed) mean run 0."""
+        bo, bg, bn, sk, dot, warps, stages, run = (int(v) for v in [*items, 0][:8])
+        return cls(bo, bg, bn, sk, bool(dot), warps, stages, run)
 
     def describe(self) -> str:
         """Short form for logs, e.g. ``gather 16x128 n4 sk2 w8 s3``."""
         path = "dot" if self.dot else "gather"
-        return f"{path} {self.block_out}x{self.block_g} n{self.block_n} sk{self.split_k} w{self.num_warps} s{self.num_stages}"
+        run = f" r{self.run}" if self.run else ""
+        return f"{path} {self.block_out}x{self.block_g} n{self.block_n} sk{self.split_k} w{self.num_warps} s{self.num_stages}{run}"
 
     def check(self, out_features: int, in_features: int) -> None:
         """Refuse a configuration that does not tile this shape (or that tl.dot cannot run)."""
@@ -57,6 +65,8 @@ class BlockConfig:
             problems.append("the dot path needs block_out, block_g and block_n >= 16")
         if not self.dot and not 1 <= self.block_n <= GATHER_MAX_N:
             problems.append(f"the gather path takes block_n 1-{GATHER_MAX_N}, not {self.block_n}")
+        if self.run and (self.dot or self.run % 8 or self.block_g % self.run):
+            problems.append(f"run {self.run} must be a multiple of 8 dividing block_g {self.block_g}, gather path only")
         if problems:
             raise ValueError(f"block config {self} does not fit a {out_features}x{in_features} weight: " + "; ".join(problems))
 
@@ -92,13 +102,16 @@ def candidate_configs(n_tokens: int, out_features: int, in_features: int) -> lis
     """The configurations the plugin times at load for a bucket of n tokens, default first.
 
     Gather buckets (n <= 8): 16 x 128 groups with 8 warps and 16 x 64 with 4 warps, each
-    without and with a 2-way split-K (more programs for layers with few rows), 3 stages; the
-    four best of the H200 one-token sweep were of these kinds. Dot buckets: the default only
-    (the tensor-core path lost to dense at every n in the H200 runs).
+    without and with a 2-way split-K (more programs for layers with few rows), 3 stages, each
+    with warps along one row and with runs of 16 groups over two rows: eight configs. The best
+    of the H200 one-token sweep on each Llama shape was among the first four (run 16 was not
+    measured yet). Dot buckets: the default only (the tensor-core path lost to dense at every n
+    in the H200 runs).
     """
     default = default_config(n_tokens, out_features, in_features)
     if default.dot:
         return [default]
     bn = default.block_n
-    tried = [BlockConfig(16, 128, bn, sk, False, 8, 3) for sk in (1, 2)] + [BlockConfig(16, 64, bn, sk, False, 4, 3) for sk in (1, 2)]
+    tiles = [(16, 128, 8), (16, 64, 4)]
+    tried = [BlockConfig(bo, bg, bn, sk, False, w, 3, run) for run in (0, 16) for bo, bg, w in tiles for sk in (1, 2)]
     return [default] + [c for c in tried if c != default and _fits(c, out_features, in_features)]
