@@ -3,14 +3,15 @@
 Three parts, each its own process in the run so that one failing loses nothing of the others;
 every line is flushed as soon as it is known:
 
-* ``correctness``: the gather path (1-8 tokens) for every load-time candidate config against the
-  exact product (fp64: within one ulp of the output dtype plus fp32-accumulation slack, as the
-  CPU tests) and against dense ``F.linear`` (largest difference in ulps, fraction bit-equal),
-  with bias, on Llama-sized shapes; token counts that are not a power of two run the bucket's
-  config with the tail tokens clamped.
+* ``correctness``: the gather path (1-8 tokens) for every load-time candidate config (bf16) and
+  the default config with bias (bf16 and fp16) against the exact product (fp64: within one ulp
+  of the output dtype plus fp32-accumulation slack, as the CPU tests) and against dense
+  ``F.linear`` (largest difference in ulps, fraction bit-equal), on Llama-sized shapes; token
+  counts that are not a power of two run the bucket's config with the tail tokens clamped.
 * ``decide``: the plugin's own ``kernels.decide`` (what vLLM's loader calls) per shape: the
-  choice per bucket, the Triton configs it measured and picked, and the seconds it took. The run
-  points ``TRITON_CACHE_DIR`` at an empty folder, so the first shape includes compiling.
+  choice per bucket, the Triton configs it measured and picked, and the seconds it took, with
+  Triton's compile cache as left by the sweep (``--cache warm``) or empty (``--cache cold``:
+  the first shape then includes compiling every candidate, a first load on a new machine).
 * ``graph``: the op ``unipruning::sparse24_linear`` (Triton for every n) under CUDA-graph
   capture / replay, ``torch.compile(fullgraph=True, dynamic=True)`` and
   ``mode="reduce-overhead"``, compared with the eager call.
@@ -83,17 +84,22 @@ def correctness(sink, shapes: list[str], token_counts: list[int]) -> None:
         bias = torch.randn(m, device="cuda", dtype=dtype)
         for n in token_counts:
             x = torch.randn(n, k, device="cuda", dtype=dtype)
-            exact = x.double() @ w64.T + bias.double()
-            scale = x.double().abs() @ w64.abs().T + bias.double().abs()
-            dense = torch.nn.functional.linear(x, w, bias)
-            configs = candidate_configs(n, m, k) if dtype == torch.bfloat16 else [default_config(n, m, k)]
-            for config in configs:
+            exact = x.double() @ w64.T
+            scale = x.double().abs() @ w64.abs().T
+            # Every candidate without bias (the sweep compiled those), the default with bias.
+            runs = [(config, None) for config in candidate_configs(n, m, k)] if dtype == torch.bfloat16 else []
+            runs.append((default_config(n, m, k), bias))
+            for config, b in runs:
                 row = {"part": "correctness", "out": m, "in": k, "n": n, "dtype": str(dtype).removeprefix("torch."),
-                       "config": config.as_list()}
+                       "config": config.as_list(), "bias": b is not None}
                 try:
-                    out = triton_24.matmul(x, sparse, bias, config)
-                    row.update(accuracy(out, exact, scale, dense))
-                    row["deterministic"] = bool(torch.equal(triton_24.matmul(x, sparse, bias, config), out))
+                    out = triton_24.matmul(x, sparse, b, config)
+                    dense = torch.nn.functional.linear(x, w, b)
+                    if b is None:
+                        row.update(accuracy(out, exact, scale, dense))
+                    else:
+                        row.update(accuracy(out, exact + b.double(), scale + b.double().abs(), dense))
+                    row["deterministic"] = bool(torch.equal(triton_24.matmul(x, sparse, b, config), out))
                 except Exception as error:  # recorded; the next case still runs
                     row["error"] = repr(error)[:400]
                 ok = row.get("within_rounding") and row.get("deterministic")
@@ -107,10 +113,11 @@ def correctness(sink, shapes: list[str], token_counts: list[int]) -> None:
           f"largest difference from dense {worst:.0f} ulp", flush=True)
 
 
-def decide(sink, shapes: list[str]) -> None:
+def decide(sink, shapes: list[str], cache: str) -> None:
     for text in shapes:
         m, k = (int(v) for v in text.split("x"))
-        row = {"part": "decide", "out": m, "in": k, "dtype": "bfloat16"}
+        row = {"part": "decide", "out": m, "in": k, "dtype": "bfloat16", "triton_cache": cache}
+        emit(sink, {**row, "started": time.time()})  # a part cut short still says how far it got
         try:
             start = time.monotonic()
             decision = kernels.decide(torch.empty(m, k, device="cuda", dtype=torch.bfloat16), "auto")
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="append the JSON lines here")
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--n", nargs="+", type=int, default=None, help="token counts (correctness: 1 2 3 4 5 8; graph: 1 2 4 8 32)")
+    parser.add_argument("--cache", choices=["warm", "cold"], default="warm", help="decide: how Triton's cache was left (a label)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/gpu_decode_checks.py needs a CUDA GPU", file=sys.stderr)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "correctness":
             correctness(sink, args.shapes[:3], args.n or [1, 2, 3, 4, 5, 8])
         elif args.part == "decide":
-            decide(sink, args.shapes)
+            decide(sink, args.shapes, args.cache)
         else:
             graph(sink, args.shapes[0], args.n or [1, 2, 4, 8, 32])
     return 0

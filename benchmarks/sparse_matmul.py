@@ -66,16 +66,17 @@ def sweep_space(n: int) -> list[BlockConfig]:
     """Triton block configurations tried by ``--tune`` for n tokens.
 
     Gather (n <= 8, all tokens in one program): 16 or 32 rows x 64 or 128 groups, split-K 1, 2
-    or 4, 4 or 8 warps, 3 stages, at most 64 fp32 accumulators per thread (beyond that the
-    compiled kernel holds 128 registers and more would spill); it includes every config of
-    ``candidate_configs``. Dot (16+ tokens): the tensor-core path's tiles.
+    or 4, 4 or 8 warps, 3 stages, a warp along one row or over runs of 16 groups, at most 64
+    fp32 accumulators per thread (beyond that the compiled kernel holds 128 registers and more
+    would spill); it includes every config of ``candidate_configs``. Dot (16+ tokens): the
+    tensor-core path's tiles.
     """
     block_n = 1 << max(0, n - 1).bit_length()
     if block_n <= GATHER_MAX_N:
-        space = itertools.product((16, 32), (64, 128), (1, 2, 4), (4, 8))
+        space = itertools.product((16, 32), (64, 128), (1, 2, 4), (4, 8), (0, 16))
         return [
-            BlockConfig(bo, bg, block_n, sk, False, warps, 3)
-            for bo, bg, sk, warps in space
+            BlockConfig(bo, bg, block_n, sk, False, warps, 3, run)
+            for bo, bg, sk, warps, run in space
             if bo * bg // (32 * warps) * block_n <= 64
         ]
     dot_n = min(block_n, 64)  # no 64-row blocks at 64 tokens (they spill)
@@ -131,7 +132,7 @@ def _warm(item: tuple[list[int], str]) -> str:
         if config.dot:
             dot_kernel.warmup(*args, **common, UPCAST_DOT=False)
         else:
-            gemv_kernel.warmup(*args, **common)
+            gemv_kernel.warmup(*args, **common, RUN=config.run or config.block_g)
         return ""
     except Exception as error:  # reported, then compiled (or refused) again when timed
         return f"{config}: {error!r}"[:300]
