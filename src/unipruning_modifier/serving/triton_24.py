@@ -153,9 +153,9 @@ def _sparse24_gemv_kernel(
     value loads) where a 2-D or 3-D gather tile let it put lanes across rows (uncoalesced,
     with shared-memory conversions). The tile is cut into runs of RUN groups of one row, rows
     interleaved: element e is group e % RUN of run e // (RUN * BLOCK_OUT), row
-    (e // RUN) % BLOCK_OUT. RUN = BLOCK_G puts a warp along one row (32 groups: x gathers span
-    256 bytes, two cache lines); RUN = 16 puts it on 16 groups of two rows (one line), with
-    the same loads and instructions. Each step loads the values and index words once and
+    (e // RUN) % BLOCK_OUT. RUN = BLOCK_G (64 or 128) puts a warp along one row (32 groups: its
+    x gathers span 256 bytes, two cache lines); RUN = 16 puts it on 16 groups of two rows (one
+    line), with the same loads and instructions. Each step loads the values and index words once and
     reuses them for every token: one flat fp32 accumulator per token (a tuple), x gathered by
     index per token.
     """
