@@ -1,14 +1,15 @@
 """Dense cuBLAS vs the Triton 2:4 kernel vs cuSPARSELt per weight shape and token count.
 
 Needs a CUDA GPU (compute capability >= 8.0). For each (out, in) weight shape and each token
-count n it times ``[n, in] @ W.T`` with the plugin's own helpers (``serving.kernels.measure_shape``:
+count n it times ``[n, in] @ W.T`` with the plugin's own helpers (``serving.measure.measure_shape``:
 dense and Triton by CUDA-graph replay, cuSPARSELt eagerly, rotating over weight copies >= 4x
 the L2 cache, median of ``--repeats`` timings of ``--iters`` calls) and prints one JSON line per
 (kernel, shape, n):
 
 {"kernel": "dense" | "triton_24" | "cslt", "out", "in", "n", "dtype", "device", "seconds",
 "speedup_vs_dense", "gbps" (weight + x + y bytes per second), "peak_gbps" (a measured
-device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule picks for this n),
+device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule would pick for this
+n from these timings, ``kernels.PICK_MARGIN`` included),
 "config" (Triton block config) / "alg_id" (cuSPARSELt), "max_ulp_vs_dense" and
 "equal_to_dense" (fraction of outputs bit-identical to dense), "torch", "triton", "cusparselt"}
 
@@ -16,7 +17,7 @@ device-to-device copy), "fraction_of_peak", "chosen" (what the plugin's rule pic
 shape and keeps the fastest (one ``"kernel": "triton_24_sweep"`` line per configuration in
 ``--sweep-out``; the winners in ``--tuned-out`` as JSON, readable again with ``--tuned``).
 
-    python benchmarks/sparse_matmul.py --tune --n 1 2 4 8 16 32 64 --out benchmarks/results/h200-decode.jsonl
+    python benchmarks/sparse_matmul.py --tune --n 1 2 4 8 --kernels dense triton_24 --out decode.jsonl --sweep-out sweep.jsonl
     python benchmarks/sparse_matmul.py --shapes 4096x14336 --n 1 16 4096 --kernels dense cslt
     python benchmarks/sparse_matmul.py --table benchmarks/results/h200-decode.jsonl
 
@@ -34,8 +35,9 @@ import time
 
 import torch
 
-from unipruning_modifier.serving import kernels, triton_24
-from unipruning_modifier.serving.triton_24 import BlockConfig
+from unipruning_modifier.serving import cusparselt, kernels, measure, triton_24
+from unipruning_modifier.serving.triton_24_configs import GATHER_MAX_N, BlockConfig, default_config
+from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
 # Linear shapes (out x in) of Llama-2-7B, Llama-3-8B and Llama-3-70B: as vLLM fuses them
 # (qkv, gate_up) and the unfused MLP projections.
@@ -61,19 +63,25 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def sweep_space(n: int) -> list[BlockConfig]:
-    """Triton block configurations tried by ``--tune`` for n tokens (the gather path up to 8)."""
-    block_n = 1 << max(0, (n - 1).bit_length())
-    space = []
-    if block_n <= 8:  # gather; 128-group steps only for 1-2 tokens (they spill above)
-        rows = (16, 32, 64) if block_n == 1 else (16, 32)
-        for bo, bg, sk, stages in itertools.product(rows, (32, 64, 128)[: 3 if block_n <= 2 else 2], (1, 2, 4), (1, 3)):
-            space.append(BlockConfig(bo, bg, block_n, sk, False, 4, stages))
-        space += [BlockConfig(16, 128, block_n, sk, False, 8, 3) for sk in (1, 2)]
-    if block_n >= 4:  # tensor-core dot; no 64-row blocks at 64 tokens (they spill)
-        dot_n = max(block_n, 16)
-        for bo, bg, sk, stages in itertools.product((16, 32, 64)[: 2 if dot_n == 64 else 3], (32, 64), (1, 2, 4), (2, 3)):
-            space.append(BlockConfig(bo, bg, dot_n, sk, True, 4, stages))
-    return space
+    """Triton block configurations tried by ``--tune`` for n tokens.
+
+    Gather (n <= 8, all tokens in one program): 16 or 32 rows x 64 or 128 groups, split-K 1, 2
+    or 4, 4 or 8 warps, 3 stages, a warp along one row or over runs of 16 groups, at most 64
+    fp32 accumulators per thread (beyond that the compiled kernel holds 128 registers and more
+    would spill); it includes every config of ``candidate_configs``. Dot (16+ tokens): the
+    tensor-core path's tiles.
+    """
+    block_n = 1 << max(0, n - 1).bit_length()
+    if block_n <= GATHER_MAX_N:
+        space = itertools.product((16, 32), (64, 128), (1, 2, 4), (4, 8), (0, 16))
+        return [
+            BlockConfig(bo, bg, block_n, sk, False, warps, 3, run)
+            for bo, bg, sk, warps, run in space
+            if bo * bg // (32 * warps) * block_n <= 64
+        ]
+    dot_n = min(block_n, 64)  # no 64-row blocks at 64 tokens (they spill)
+    space = itertools.product((16, 32, 64)[: 2 if dot_n == 64 else 3], (32, 64), (1, 2, 4), (2, 3))
+    return [BlockConfig(bo, bg, dot_n, sk, True, 4, stages) for bo, bg, sk, stages in space]
 
 
 def fitting(configs: list[BlockConfig], out_features: int, in_features: int) -> list[BlockConfig]:
@@ -87,17 +95,17 @@ def fitting(configs: list[BlockConfig], out_features: int, in_features: int) -> 
     return ok
 
 
-def tune(tri: list[triton_24.Sparse24Weight], n: int, iters: int, deadline: float, sink) -> BlockConfig:
+def tune(tri: list[Sparse24Weight], n: int, iters: int, deadline: float, sink) -> BlockConfig:
     """The fastest configuration of ``sweep_space(n)`` over these weight copies (default if time runs out)."""
     out_features, in_features = tri[0].shape
     x = torch.randn(n, in_features, device=tri[0].values.device, dtype=tri[0].values.dtype)
-    best = triton_24.default_config(n, out_features, in_features)
+    best = default_config(n, out_features, in_features)
     best_ms = float("inf")
     for config in [best] + fitting(sweep_space(n), out_features, in_features):
         if time.monotonic() > deadline:
             break
         try:
-            ms = kernels._time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, graph=True)
+            ms = measure.time_ms([lambda t=t: triton_24.matmul(x, t, None, config) for t in tri], iters, graph=True)
         except Exception as error:  # a configuration the compiler or the GPU refuses: skip it, say why
             emit(sink, {"kernel": "triton_24_sweep", "out": out_features, "in": in_features, "n": n,
                         "config": config.as_list(), "error": repr(error)[:300]})
@@ -113,18 +121,18 @@ def _warm(item: tuple[list[int], str]) -> str:
     """Compile one configuration into Triton's on-disk cache (a worker process; no launch)."""
     config, dtype = BlockConfig.from_list(item[0]), getattr(torch, item[1])
     try:
-        main_kernel, gemv_kernel, _ = triton_24._jitted()
+        gemv_kernel, dot_kernel, _ = triton_24._jitted()
         y_dtype = dtype if config.split_k == 1 else torch.float32
         # Every benchmarked shape has in, out, in/4/split_k divisible by 16, as these do, so the
         # compiled specialization is the one the timed calls look up.
         args = (dtype, dtype, torch.int32, dtype, y_dtype, 1, 4096, 4096, 4096, 1024 // config.split_k)
         common = dict(grid=(1,), HAS_BIAS=False, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g,
-                      SPLIT_K=config.split_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-                      num_stages=config.num_stages)
-        if config.block_n == 1 and not config.dot:
-            gemv_kernel.warmup(*args, **common)
+                      BLOCK_N=config.block_n, SPLIT_K=config.split_k, NUM_STAGES=config.num_stages,
+                      num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.dot:
+            dot_kernel.warmup(*args, **common, UPCAST_DOT=False)
         else:
-            main_kernel.warmup(*args, **common, BLOCK_N=config.block_n, DOT=config.dot, UPCAST_DOT=False)
+            gemv_kernel.warmup(*args, **common, RUN=config.run or config.block_g)
         return ""
     except Exception as error:  # reported, then compiled (or refused) again when timed
         return f"{config}: {error!r}"[:300]
@@ -151,7 +159,7 @@ def copy_bandwidth_gbps(gib: float = 2.0) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second) in GB/s."""
     src = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = kernels._median_ms([lambda: dst.copy_(src)], 10, False, 3)
+    ms = measure.median_ms([lambda: dst.copy_(src)], 10, False, 3)
     return 2 * src.numel() / (ms / 1e3) / 1e9
 
 
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned", help="JSON of tuned configs from an earlier --tuned-out")
     parser.add_argument("--tuned-out", help="write the tuned configs here (JSON)")
     parser.add_argument("--sweep-out", help="append the sweep's JSON lines here")
-    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop tuning after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop tuning this many seconds after the start (precompiling included)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     parser.add_argument("--table", metavar="JSONL", help="only print the markdown table of a results file")
     args = parser.parse_args(argv)
@@ -239,36 +248,37 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton_24.triton_available()[1],
         "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
     }
+    deadline = time.monotonic() + args.budget_s
     peak = copy_bandwidth_gbps()
     if args.tune and "triton_24" in kinds:
         shapes = [parse_shape(text) for text in args.shapes]
-        wanted = [c for n in args.n if n <= kernels.TRITON_MAX_N for c in sweep_space(n) + [triton_24.default_config(n, *shapes[0])]]
+        wanted = [c for n in args.n if n <= measure.TRITON_MAX_N for c in sweep_space(n) + [default_config(n, *shapes[0])]]
         wanted = [c for c in wanted if any(fitting([c], *shape) for shape in shapes)]
-        print(precompile(wanted, dtype), file=sys.stderr, flush=True)
+        print(precompile(wanted, dtype, timeout_s=min(90.0, args.budget_s)), file=sys.stderr, flush=True)
     tuned = json.load(open(args.tuned)) if args.tuned else {}
-    deadline = time.monotonic() + args.budget_s
     sink = open(args.out, "a") if args.out else None
     sweep_sink = open(args.sweep_out, "a") if args.sweep_out else None
     try:
         for text in args.shapes:
             m, k = parse_shape(text)
-            weight = kernels.random_24(m, k, dtype, "cuda")
+            weight = measure.random_24(m, k, dtype, "cuda")
             configs = {}
             tri = None
             if args.tune and "triton_24" in kinds:
-                tri = [triton_24.Sparse24Weight.from_dense(weight)]
-                tri += [triton_24.Sparse24Weight(t.values.clone(), t.indices.clone()) for t in tri * (kernels._copies(weight) - 1)]
+                tri = [Sparse24Weight.from_dense(weight)]
+                tri += [Sparse24Weight(t.values.clone(), t.indices.clone()) for t in tri * (measure.rotation_copies(weight) - 1)]
             for n in args.n:
                 saved = tuned.get(f"{m}x{k}", {}).get(str(n))
                 if saved:
                     configs[n] = BlockConfig.from_list(saved)
-                elif args.tune and "triton_24" in kinds and n <= kernels.TRITON_MAX_N:
+                elif args.tune and "triton_24" in kinds and n <= measure.TRITON_MAX_N:
                     configs[n] = tune(tri, n, args.tune_iters, deadline, sweep_sink)
-                tuned.setdefault(f"{m}x{k}", {})[str(n)] = (configs.get(n) or triton_24.default_config(n, m, k)).as_list()
+                tuned.setdefault(f"{m}x{k}", {})[str(n)] = (configs.get(n) or default_config(n, m, k)).as_list()
             del tri
-            rows = kernels.measure_shape(weight, tuple(args.n), args.iters, kinds, configs, args.repeats)
-            choices = kernels.choose_kernels(rows)
-            sparse = triton_24.Sparse24Weight.from_dense(weight) if "triton_24" in kinds else None
+            single = {n: [config] for n, config in configs.items()}
+            rows = measure.measure_shape(weight, tuple(args.n), args.iters, kinds, single, args.repeats)
+            choices = kernels.choose_kernels(rows, kernels.PICK_MARGIN)
+            sparse = Sparse24Weight.from_dense(weight) if "triton_24" in kinds else None
             packed = torch._cslt_compress(weight) if "cslt" in kinds else None
             sizes = weight_bytes(weight, packed)
             for row, chosen in zip(rows, choices):
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         config = BlockConfig.from_list(row["triton_config"])
                         line.update(config=row["triton_config"], **compare(triton_24.matmul(x, sparse, None, config), dense))
                     elif kernel == "cslt":
-                        line.update(alg_id=row["alg_id"], **compare(kernels._sparse_mm(packed, x, None, row["alg_id"]), dense))
+                        line.update(alg_id=row["alg_id"], **compare(cusparselt.sparse_mm(packed, x, None, row["alg_id"]), dense))
                     emit(sink, {**line, **{key: info[key] for key in ("torch", "triton", "cusparselt")}})
             del weight, sparse, packed
             torch.cuda.empty_cache()

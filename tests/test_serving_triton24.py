@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from unipruning_modifier.checkpoint import SparseFormatError, compress_sparse_24_bitmask
-from unipruning_modifier.serving import kernels, triton_24
-from unipruning_modifier.serving.triton_24 import BlockConfig, Sparse24Weight
+from unipruning_modifier.serving import kernels, measure, triton_24, triton_24_configs, triton_24_layout
+from unipruning_modifier.serving.triton_24_configs import BlockConfig, default_config
+from unipruning_modifier.serving.triton_24_layout import Sparse24Weight
 
 from .test_checkpoint_codecs import make_24
 
@@ -42,7 +43,7 @@ def within_rounding(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: t
 # layout
 # ---------------------------------------------------------------------------------------------
 def test_nibble_table():
-    table = triton_24.nibble_table()
+    table = triton_24_layout.nibble_table()
     pairs = {0b0011: (0, 1), 0b0101: (0, 2), 0b1001: (0, 3), 0b0110: (1, 2), 0b1010: (1, 3), 0b1100: (2, 3)}
     for lo in range(16):
         for hi in range(16):
@@ -86,7 +87,7 @@ def test_layout_keeps_zeros_among_the_kept():
     ],
 )
 def test_layout_refuses(shape, dtype, match):
-    assert not triton_24.layout_supported(*shape, dtype)[0]
+    assert not triton_24_layout.layout_supported(*shape, dtype)[0]
     with pytest.raises(ValueError, match=match):
         Sparse24Weight.from_dense(torch.zeros(shape, dtype=dtype), name="mlp.down_proj")
 
@@ -108,7 +109,7 @@ def test_layout_refuses_non_24():
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 16, 64, 300])
 @pytest.mark.parametrize("shape", [(16, 64), (4096, 14336), (14336, 4096), (4096, 11008), (28672, 8192)])
 def test_default_config_fits(n, shape):
-    config = triton_24.default_config(n, *shape)
+    config = default_config(n, *shape)
     config.check(*shape)
     assert config.dot == (n > 8)
     assert config.block_n >= min(n, 64)
@@ -121,6 +122,10 @@ def test_default_config_fits(n, shape):
         (BlockConfig(block_g=64, split_k=2), "block_g 64 \\* split_k 2"),
         (BlockConfig(block_g=12), "multiple of 8"),
         (BlockConfig(block_n=8, dot=True), "dot path"),
+        (BlockConfig(block_n=16), "gather path takes block_n 1-8"),
+        (BlockConfig(block_g=64, run=12), "run 12 must be a multiple of 8"),
+        (BlockConfig(block_g=32, run=64), "dividing block_g 32"),
+        (BlockConfig(16, 16, 16, 1, True, run=16), "gather path only"),
     ],
 )
 def test_config_refusals(config, match):
@@ -131,6 +136,22 @@ def test_config_refusals(config, match):
 def test_config_list_round_trip():
     config = BlockConfig(64, 32, 16, 2, True, 8, 3)
     assert BlockConfig.from_list(config.as_list()) == config
+    assert config.describe() == "dot 64x32 n16 sk2 w8 s3"
+    assert BlockConfig.from_list([16, 128, 1, 1, 0, 8, 3]) == BlockConfig(16, 128, 1, 1, False, 8, 3, 0)  # results before run
+    assert BlockConfig(16, 128, 4, 2, False, 8, 3, 16).describe() == "gather 16x128 n4 sk2 w8 s3 r16"
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("shape", [(16, 64), (4096, 14336), (14336, 4096), (4096, 11008), (28672, 8192)])
+def test_candidate_configs(n, shape):
+    candidates = triton_24_configs.candidate_configs(n, *shape)
+    assert candidates[0] == default_config(n, *shape)
+    assert len(set(candidates)) == len(candidates) <= 8
+    for config in candidates:
+        config.check(*shape)
+        assert config.block_n == candidates[0].block_n and config.dot == (n > 8)
+    if n <= 8 and shape[1] % 1024 == 0:  # 128 groups x split-K 2 fit: all eight
+        assert len(candidates) == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +161,13 @@ CASES = [  # (n tokens, config); shape 64 x 256 (64 groups)
     (1, BlockConfig(16, 16, 1, 1, False)),
     (1, BlockConfig(32, 32, 1, 2, False)),
     (2, BlockConfig(16, 64, 2, 1, False)),
-    (3, BlockConfig(16, 16, 4, 4, False)),
+    (3, BlockConfig(16, 16, 4, 4, False)),  # one token past the end, split-K
+    (5, BlockConfig(16, 32, 8, 2, False)),
+    (8, BlockConfig(16, 16, 4, 1, False)),  # two token blocks
     (7, BlockConfig(64, 16, 8, 1, False)),
+    (1, BlockConfig(32, 32, 1, 1, False, run=8)),  # rows interleaved in runs of 8 groups
+    (4, BlockConfig(16, 32, 4, 2, False, run=16)),
+    (6, BlockConfig(16, 32, 8, 1, False, run=16)),
     (5, BlockConfig(16, 16, 16, 1, True)),
     (16, BlockConfig(32, 32, 16, 2, True)),
     (37, BlockConfig(64, 16, 32, 1, True)),
@@ -150,7 +176,7 @@ CASES = [  # (n tokens, config); shape 64 x 256 (64 groups)
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n, config", CASES, ids=[f"n{n}-{'dot' if c.dot else 'gather'}-sk{c.split_k}" for n, c in CASES])
+@pytest.mark.parametrize("n, config", CASES, ids=[f"n{n}-{'dot' if c.dot else 'gather'}-sk{c.split_k}-r{c.run}" for n, c in CASES])
 def test_kernel_matches_exact_product(dtype, n, config):
     gen = torch.Generator().manual_seed(n)
     w = make_24(64, 256, dtype, seed=n).to(DEVICE)
@@ -197,7 +223,7 @@ def test_kernel_refusals():
 def op_args(w: torch.Tensor, choice: str):
     sparse = Sparse24Weight.from_dense(w)
     n_buckets = len(kernels.N_BUCKETS)
-    configs = [v for n in kernels.N_BUCKETS for v in triton_24.default_config(n, *w.shape).as_list()]
+    configs = [v for n in kernels.N_BUCKETS for v in default_config(n, *w.shape).as_list()]
     return (None, None, sparse.values, sparse.indices), [kernels.KERNELS.index(choice)] * n_buckets, configs
 
 
@@ -229,7 +255,7 @@ cuda_triton = pytest.mark.skipif(not kernels.triton_kernel_available()[0], reaso
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 14336), (14336, 4096), (28672, 8192)])
 def test_gpu_llama_shapes_within_rounding(dtype, shape):
-    w = kernels.random_24(*shape, dtype, "cuda", seed=shape[0])
+    w = measure.random_24(*shape, dtype, "cuda", seed=shape[0])
     sparse = Sparse24Weight.from_dense(w)
     bias = torch.randn(shape[0], device="cuda", dtype=dtype)
     for n in (1, 2, 4, 8, 16, 64):
@@ -242,7 +268,7 @@ def test_gpu_llama_shapes_within_rounding(dtype, shape):
 @cuda_triton
 def test_gpu_op_under_cuda_graph_and_compile():
     """The plugin's op (Triton for every n) replays in a CUDA graph and compiles with fullgraph."""
-    w = kernels.random_24(1024, 2048, torch.bfloat16, "cuda", seed=1)
+    w = measure.random_24(1024, 2048, torch.bfloat16, "cuda", seed=1)
     bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
     layer = kernels.Sparse24Linear.from_dense(w, "triton")
     assert layer is not None and layer.dense is None and layer.packed is None

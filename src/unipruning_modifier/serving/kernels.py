@@ -6,38 +6,40 @@ bucket (``N_BUCKETS``, a call with n tokens uses the smallest bucket >= n):
 
 * ``dense``: ``F.linear`` on the dense weight (cuBLAS);
 * ``triton_24``: ``triton_24.matmul`` reading values + 2-bit indices (1.125 bytes per weight
-  instead of 2), for buckets up to ``TRITON_MAX_N`` tokens (decode);
-* ``cslt``: cuSPARSELt (``torch._cslt_sparse_mm`` with the algorithm ``_cslt_sparse_mm_search``
-  picked for that bucket).
+  instead of 2), for buckets up to ``measure.TRITON_MAX_N`` tokens (decode), each bucket with
+  the fastest of ``triton_24_configs.candidate_configs`` (up to four block configs per bucket of
+  1-8 tokens: the best one differs by shape);
+* ``cslt``: cuSPARSELt (``cusparselt.sparse_mm`` with the algorithm searched for that bucket).
 
-Each bucket runs the fastest candidate; a sparse kernel only when it was faster than dense in
-that measurement. The layer keeps only the weight copies some bucket
+Each bucket runs the fastest candidate; a sparse kernel only when it was at least
+``PICK_MARGIN`` (3%) faster than dense in that measurement. The decision (with the Triton configs picked and the seconds the measurement
+took) is what vLLM's log line shows per layer. The layer keeps only the weight copies some bucket
 uses (dense 1x, Triton layout 0.56x, cuSPARSELt 0.56x the dense bytes).
 
 Why measured and not assumed: on an H100 with torch 2.11 the cuSPARSELt call costs a flat
 0.5-1.4 ms of set-up whatever n, so it wins only for n >= 4096 (docs/serving.md has the tables).
-Dense and Triton are timed by CUDA-graph replay (how vLLM runs decode), cuSPARSELt eagerly
-(its set-up is host work that a graph would hide only where capture works), all rotating over
-enough weight copies that the L2 cache cannot hold them. ``UNIPRUNING_SPARSE_KERNEL`` overrides:
+How each is timed: ``measure.py``. ``UNIPRUNING_SPARSE_KERNEL`` overrides:
 ``auto`` (default), ``off`` (dense), ``triton`` (Triton for every n, no dense copy) or
 ``cusparselt`` (alias ``always``: cuSPARSELt for every n, no dense copy).
 """
 
 from __future__ import annotations
 
-import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import triton_24
+from . import cusparselt, triton_24
+from .measure import TRITON_MAX_N, measure_shape, random_24
+from .triton_24_configs import BlockConfig, candidate_configs, default_config
+from .triton_24_layout import Sparse24Weight, layout_supported
 
 __all__ = [
     "KERNELS",
     "N_BUCKETS",
-    "SPARSE_DTYPES",
-    "TRITON_MAX_N",
+    "PICK_MARGIN",
     "KernelDecision",
     "Sparse24Linear",
     "bucket_index",
@@ -45,22 +47,15 @@ __all__ = [
     "decide",
     "kernel_available",
     "kernel_mode",
-    "measure_shape",
-    "random_24",
-    "search_algorithm",
-    "shape_supported",
     "sparse24_linear",
     "triton_kernel_available",
 ]
 
-SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 N_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096, 16384)
-TRITON_MAX_N = 64
 KERNELS = ("dense", "triton_24", "cslt")
-# cuSPARSELt's algorithm search failed with an internal error on a 256x512 fp16 weight on an
-# H100 (torch 2.11, cuSPARSELt 0.8) and left the CUDA context unusable; every shape from 1024
-# up searched fine. Smaller layers use the default algorithm (id 0), which ran correctly.
-SEARCH_MIN_DIM = 1024
+# decide() picks a sparse kernel only where it measured at least this much faster than dense: a
+# load-time timing of 20 calls varies by a few percent, and a tie must not turn into a loss.
+PICK_MARGIN = 1.03
 _MODES = ("auto", "off", "triton", "cusparselt", "always")
 _FORCED = {"triton": "triton_24", "cusparselt": "cslt", "always": "cslt"}
 
@@ -103,15 +98,6 @@ def triton_kernel_available(device: torch.device | str | None = None) -> tuple[b
     return triton_24.triton_available()
 
 
-def shape_supported(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """(ok, reason) for cuSPARSELt's limits on the sparse operand: fp16/bf16, both dims % 16."""
-    if dtype not in SPARSE_DTYPES:
-        return False, f"dtype {dtype} (the 2:4 kernel path takes fp16 / bf16)"
-    if out_features % 16 or in_features % 16:
-        return False, f"shape {out_features}x{in_features} is not a multiple of 16"
-    return True, "ok"
-
-
 def bucket_index(n: int) -> int:
     """Index of the smallest bucket >= n (the last bucket for anything larger)."""
     for i, b in enumerate(N_BUCKETS):
@@ -138,124 +124,16 @@ def choose_kernels(rows: list[dict], margin: float = 1.0) -> list[str]:
     return choices
 
 
-def random_24(out_features: int, in_features: int, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
-    """A random weight with exactly 2 nonzeros in every group of 4 inputs (drawn on ``device``)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=gen, device=device)
-    groups = w.view(out_features, -1, 4)
-    keep = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).view(out_features, in_features).to(dtype)
-
-
-def _pad_rows(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
-    pad = (-x.shape[0]) % multiple
-    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-
-
-def _sparse_mm(packed: torch.Tensor, x: torch.Tensor, bias, alg_id: int) -> torch.Tensor:
-    """x @ W.T + bias with W compressed by ``_cslt_compress``; x is [n, in], result [n, out]."""
-    n = x.shape[0]
-    xp = _pad_rows(x.contiguous())
-    out = torch._cslt_sparse_mm(packed, xp.t(), bias=bias, transpose_result=True, alg_id=alg_id)
-    return out[:n] if out.shape[0] != n else out
-
-
-def search_algorithm(packed: torch.Tensor, x: torch.Tensor, out_features: int, in_features: int) -> int:
-    """cuSPARSELt's fastest algorithm id for this weight and input, or 0 where searching is unsafe."""
-    if min(out_features, in_features) < SEARCH_MIN_DIM:
-        return 0
-    return int(torch._cslt_sparse_mm_search(packed, _pad_rows(x).t(), transpose_result=True))
-
-
-def _time_ms(calls: list, iters: int, graph: bool) -> float:
-    """Mean ms per call, cycling through ``calls`` (one per weight copy), eager or by CUDA-graph replay."""
-    reps = max(1, math.ceil(iters / len(calls)))
-    for fn in calls:
-        fn()
-    torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                for fn in calls:
-                    fn()
-        g.replay()
-        run = g.replay
-    else:
-
-        def run():
-            for _ in range(reps):
-                for fn in calls:
-                    fn()
-
-        run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (reps * len(calls))
-
-
-def _median_ms(calls: list, iters: int, graph: bool, repeats: int) -> float:
-    return sorted(_time_ms(calls, iters, graph) for _ in range(repeats))[repeats // 2]
-
-
-def _copies(weight: torch.Tensor) -> int:
-    """How many copies of a weight to rotate through so that they are >= 4x the GPU's L2 cache."""
-    l2 = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 50 << 20)
-    return max(1, min(8, math.ceil(4 * l2 / (weight.numel() * weight.element_size()))))
-
-
-def measure_shape(
-    weight: torch.Tensor,
-    buckets: tuple[int, ...] = N_BUCKETS,
-    iters: int = 20,
-    candidates: tuple[str, ...] = KERNELS,
-    triton_configs: dict[int, triton_24.BlockConfig] | None = None,
-    repeats: int = 1,
-) -> list[dict]:
-    """Per bucket n: ms per call of each candidate kernel for [n, in] @ W.T (None: not a candidate).
-
-    Each time is the median of ``repeats`` timings of ``iters`` calls.
-    Rows: ``m``, ``k``, ``n``, ``dtype``, ``dense_ms``, ``triton_24_ms``, ``cslt_ms``,
-    ``alg_id`` (cuSPARSELt) and ``triton_config`` (``BlockConfig.as_list()``).
-    """
-    out_features, in_features = weight.shape
-    copies = [weight] + [weight.clone() for _ in range(_copies(weight) - 1)]
-    packed = [torch._cslt_compress(w) for w in copies] if "cslt" in candidates else None
-    tri = [triton_24.Sparse24Weight.from_dense(w) for w in copies] if "triton_24" in candidates else None
-    rows = []
-    for n in buckets:
-        x = torch.randn(n, in_features, device=weight.device, dtype=weight.dtype)
-        row = {"m": out_features, "k": in_features, "n": n, "dtype": str(weight.dtype).removeprefix("torch.")}
-        row["dense_ms"] = _median_ms([lambda w=w: torch.nn.functional.linear(x, w) for w in copies], iters, True, repeats)
-        row["triton_24_ms"] = row["triton_config"] = None
-        if tri is not None and n <= TRITON_MAX_N:
-            config = (triton_configs or {}).get(n) or triton_24.default_config(n, out_features, in_features)
-            calls = [lambda t=t: triton_24.matmul(x, t, None, config) for t in tri]
-            row["triton_24_ms"] = _median_ms(calls, iters, True, repeats)
-            row["triton_config"] = config.as_list()
-        row["cslt_ms"], row["alg_id"] = None, 0
-        if packed is not None:
-            row["alg_id"] = search_algorithm(packed[0], x, out_features, in_features)
-            calls = [lambda p=p: _sparse_mm(p, x, None, row["alg_id"]) for p in packed]
-            row["cslt_ms"] = _median_ms(calls, iters, False, repeats)
-        rows.append(row)
-    return rows
-
-
 @dataclass
 class KernelDecision:
     """Per bucket of ``N_BUCKETS``: the kernel to run, cuSPARSELt alg id and Triton block config."""
 
     choices: list[str] = field(default_factory=lambda: ["dense"] * len(N_BUCKETS))
     alg_ids: list[int] = field(default_factory=lambda: [0] * len(N_BUCKETS))
-    triton_configs: list[list[int]] = field(default_factory=lambda: [triton_24.BlockConfig().as_list()] * len(N_BUCKETS))
+    triton_configs: list[list[int]] = field(default_factory=lambda: [BlockConfig().as_list()] * len(N_BUCKETS))
     rows: list[dict] = field(default_factory=list)
     reason: str = ""
+    seconds: float = 0.0  # how long measuring this shape took at load
 
     @property
     def sparse(self) -> bool:
@@ -286,8 +164,9 @@ class KernelDecision:
 _DECISIONS: dict[tuple, KernelDecision] = {}
 
 
-def _summary(rows: list[dict], choices: list[str]) -> str:
-    """Best speedup over dense of each sparse kernel that was picked somewhere, with its n."""
+def _summary(rows: list[dict], choices: list[str], seconds: float) -> str:
+    """Best speedup over dense of each sparse kernel picked somewhere, the Triton block config of
+    each bucket that runs it, and how long the measurement took."""
     parts = []
     for kernel in KERNELS[1:]:
         picked = [r for r, c in zip(rows, choices) if c == kernel]
@@ -300,7 +179,10 @@ def _summary(rows: list[dict], choices: list[str]) -> str:
             if timed:
                 best = max(timed, key=lambda r: r["dense_ms"] / r[f"{kernel}_ms"])
                 parts.append(f"{kernel} best {best['dense_ms'] / best[f'{kernel}_ms']:.2f}x at n={best['n']}")
-    return "measured: " + ("; ".join(parts) or "no sparse candidate")
+    configs = [f"n={r['n']} {BlockConfig.from_list(r['triton_config']).describe()}" for r, c in zip(rows, choices) if c == "triton_24"]
+    if configs:
+        parts.append("triton_24 configs " + ", ".join(configs))
+    return "measured: " + ("; ".join(parts) or "no sparse candidate") + f"; {seconds:.1f} s"
 
 
 def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
@@ -309,10 +191,10 @@ def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
     out_features, in_features = weight.shape
     cslt_ok, cslt_reason = kernel_available(weight.device)
     if cslt_ok:
-        cslt_ok, cslt_reason = shape_supported(out_features, in_features, weight.dtype)
+        cslt_ok, cslt_reason = cusparselt.shape_supported(out_features, in_features, weight.dtype)
     tri_ok, tri_reason = triton_kernel_available(weight.device)
     if tri_ok:
-        tri_ok, tri_reason = triton_24.layout_supported(out_features, in_features, weight.dtype)
+        tri_ok, tri_reason = layout_supported(out_features, in_features, weight.dtype)
     if mode == "off":
         return KernelDecision(reason="UNIPRUNING_SPARSE_KERNEL=off")
     forced = _FORCED.get(mode)
@@ -323,18 +205,23 @@ def decide(weight: torch.Tensor, mode: str | None = None) -> KernelDecision:
     key = (out_features, in_features, weight.dtype, torch.cuda.get_device_name(weight.device), mode)
     if key in _DECISIONS:
         return _DECISIONS[key]
-    configs = [triton_24.default_config(n, out_features, in_features).as_list() for n in N_BUCKETS]
+    configs = [default_config(n, out_features, in_features).as_list() for n in N_BUCKETS]
     if forced == "triton_24":
         decision = KernelDecision(["triton_24"] * len(N_BUCKETS), triton_configs=configs, reason=f"UNIPRUNING_SPARSE_KERNEL={mode}")
     else:
+        start = time.monotonic()
         candidates = ("dense",) + (("triton_24",) if tri_ok and forced is None else ()) + (("cslt",) if cslt_ok else ())
-        rows = measure_shape(random_24(out_features, in_features, weight.dtype, weight.device), candidates=candidates)
+        tuned = {n: candidate_configs(n, out_features, in_features) for n in N_BUCKETS if n <= TRITON_MAX_N}
+        sample = random_24(out_features, in_features, weight.dtype, weight.device)
+        rows = measure_shape(sample, N_BUCKETS, candidates=candidates, triton_configs=tuned)
+        seconds = time.monotonic() - start
         algs = [r["alg_id"] for r in rows]
+        configs = [r["triton_config"] or c for r, c in zip(rows, configs)]
         if forced == "cslt":
-            decision = KernelDecision(["cslt"] * len(N_BUCKETS), algs, configs, rows, f"UNIPRUNING_SPARSE_KERNEL={mode}")
+            decision = KernelDecision(["cslt"] * len(N_BUCKETS), algs, configs, rows, f"UNIPRUNING_SPARSE_KERNEL={mode}", seconds)
         else:
-            choices = choose_kernels(rows)
-            decision = KernelDecision(choices, algs, configs, rows, _summary(rows, choices))
+            choices = choose_kernels(rows, PICK_MARGIN)
+            decision = KernelDecision(choices, algs, configs, rows, _summary(rows, choices, seconds), seconds)
     _DECISIONS[key] = decision
     return decision
 
@@ -364,11 +251,11 @@ def sparse24_linear(
     bucket = bucket_index(x2.shape[0])
     kernel = KERNELS[choices[bucket]]
     if kernel == "cslt":
-        out = _sparse_mm(packed, x2, bias, alg_ids[bucket])
+        out = cusparselt.sparse_mm(packed, x2, bias, alg_ids[bucket])
     elif kernel == "triton_24":
         width = len(triton_configs) // len(choices)
-        config = triton_24.BlockConfig.from_list(triton_configs[bucket * width : (bucket + 1) * width])
-        out = triton_24.matmul(x2, triton_24.Sparse24Weight(values, indices), bias, config)
+        config = BlockConfig.from_list(triton_configs[bucket * width : (bucket + 1) * width])
+        out = triton_24.matmul(x2, Sparse24Weight(values, indices), bias, config)
     else:
         out = torch.nn.functional.linear(x2, dense, bias)
     return out.reshape(*x.shape[:-1], out_features)
@@ -405,7 +292,7 @@ class Sparse24Linear:
             weight.shape[1],
             dense=weight if decision.uses("dense") else None,
             packed=torch._cslt_compress(weight) if decision.uses("cslt") else None,
-            triton=triton_24.Sparse24Weight.from_dense(weight) if decision.uses("triton_24") else None,
+            triton=Sparse24Weight.from_dense(weight) if decision.uses("triton_24") else None,
         )
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

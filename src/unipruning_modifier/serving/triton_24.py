@@ -1,28 +1,22 @@
-"""2:4 sparse ``x @ W.T`` for small token counts: a Triton kernel that reads compressed weights.
+"""2:4 sparse ``x @ W.T`` for small token counts: Triton kernels that read compressed weights.
 
-Decode is memory-bound: a dense bf16 GEMV reads 2 bytes per weight. This kernel reads the 2:4
-weight in a compressed layout, 1.125 bytes per weight (at most 1.78x less traffic):
-
-``values``  [out, in/2] fp16/bf16: the two kept weights of every group of 4 inputs, in column
-            order. This is exactly sparse-24-bitmask's ``compressed`` tensor.
-``indices`` int32 [out, in/32]: 4 bits per group, word ``w`` of a row holds groups 8w..8w+7
-            (group ``8w+k`` in bits 4k..4k+3), the nibble is ``i0 | i1 << 2`` with ``i0 < i1``
-            the in-group positions of the two kept weights. Byte for byte it is the
-            sparse-24-bitmask ``bitmask`` with every nibble (a 4-bit group mask) replaced by the
-            positions of its two set bits, so converting at load is one table lookup.
+Decode is memory-bound: a dense bf16 GEMV reads 2 bytes per weight; these kernels read the
+layout of ``triton_24_layout`` (kept values + 4-bit group codes), 1.125 bytes per weight.
 
 One program computes ``BLOCK_OUT`` outputs for ``BLOCK_N`` tokens over one of ``SPLIT_K``
 slices of the input, ``BLOCK_G`` groups (4 * BLOCK_G inputs) per step, with coalesced row-major
-loads of values and index words (software-pipelined ``num_stages`` deep when > 1). Two inner
-paths:
+loads of values and index words (software-pipelined ``num_stages`` deep when > 1). Two paths:
 
-* gather (``DOT=False``, 1-8 tokens): each kept value is multiplied by ``x[t, 4g + i]``, loaded
-  by index from x (a few KB, served by L1/L2), fp32 FMAs; no zeros are ever multiplied. One
-  token per program runs ``_sparse24_gemv_kernel`` on flat tiles (lanes along the row); 2-8
-  tokens still use 3-D tiles, which Triton lays out across rows, and lose to dense.
-* dot (``DOT=True``, 16+ tokens): the tile is expanded in registers into the four in-group
-  column planes (``W[:, 4g + c]``, c = 0..3) and multiplied with the matching strided columns of
-  x on the tensor cores (``tl.dot``, fp32 accumulation).
+* gather (``_sparse24_gemv_kernel``, 1-8 tokens): flat [BLOCK_OUT * BLOCK_G] tiles (lanes along
+  the row, 16-byte value loads). Each step's values and index words are loaded once and used
+  for every token: one fp32 accumulator per token, each kept value multiplied by
+  ``x[t, 4g + i]`` gathered by index from x (a few KB, served by L1/L2). No zeros are
+  multiplied. 2-D / 3-D tiles here let Triton put a warp across rows (uncoalesced loads and a
+  shared-memory layout conversion every step): 0.42-0.55x dense at one token, 0.65-0.81x at
+  2-4 tokens on an H200, which is why the tiles are flat.
+* dot (``_sparse24_dot_kernel``, 16+ tokens): the tile is expanded in registers into the four
+  in-group column planes (``W[:, 4g + c]``, c = 0..3) and multiplied with the matching strided
+  columns of x on the tensor cores (``tl.dot``, fp32 accumulation).
 
 Split-K (to fill the GPU's multiprocessors with few output rows) writes fp32 partial sums that a
 second small kernel adds in a fixed order, so results are deterministic (no atomics). Bias is
@@ -36,11 +30,11 @@ Triton's interpreter runs them on CPU tensors (the CI tests).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import compress_sparse_24_bitmask
+from .triton_24_configs import BlockConfig, default_config
+from .triton_24_layout import Sparse24Weight
 
 try:  # CUDA builds of torch on Linux bring Triton; CPU builds do not.
     import triton
@@ -48,23 +42,7 @@ try:  # CUDA builds of torch on Linux bring Triton; CPU builds do not.
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-__all__ = [
-    "DTYPES",
-    "BlockConfig",
-    "Sparse24Weight",
-    "default_config",
-    "layout_supported",
-    "interpreting",
-    "matmul",
-    "nibble_table",
-    "triton_available",
-]
-
-DTYPES = (torch.float16, torch.bfloat16)
-# Smallest multiples the layout and every block configuration need: rows in blocks of 16, inputs
-# in blocks of 64 (16 groups, two index words).
-OUT_MULTIPLE = 16
-IN_MULTIPLE = 64
+__all__ = ["interpreting", "matmul", "triton_available"]
 
 
 def triton_available() -> tuple[bool, str]:
@@ -74,99 +52,10 @@ def triton_available() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
-def layout_supported(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[bool, str]:
-    """(ok, reason) for the compressed layout and kernel: fp16/bf16, out % 16, in % 64."""
-    if dtype not in DTYPES:
-        return False, f"dtype {dtype} (the Triton 2:4 kernel takes float16 / bfloat16)"
-    if out_features % OUT_MULTIPLE or in_features % IN_MULTIPLE:
-        return False, (
-            f"shape {out_features}x{in_features}: the Triton 2:4 kernel needs out % {OUT_MULTIPLE} == 0 "
-            f"and in % {IN_MULTIPLE} == 0"
-        )
-    return True, "ok"
-
-
-# --------------------------------------------------------------------------------------------
-# layout
-# --------------------------------------------------------------------------------------------
-def nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [256]: bitmask byte (two 4-bit group masks) -> index byte (two ``i0 | i1 << 2``).
-
-    Masks without exactly two set bits map to 0xFF in both nibbles' byte (refused by the caller).
-    """
-    codes = []
-    for mask in range(16):
-        bits = [p for p in range(4) if mask >> p & 1]
-        codes.append(bits[0] | bits[1] << 2 if len(bits) == 2 else -1)
-    table = []
-    for byte in range(256):
-        lo, hi = codes[byte & 15], codes[byte >> 4]
-        table.append(0xFF if lo < 0 or hi < 0 else lo | hi << 4)
-    return torch.tensor(table, dtype=torch.uint8, device=device)
-
-
-@dataclass
-class Sparse24Weight:
-    """A 2:4 weight in the kernel's layout: ``values`` [out, in/2] and ``indices`` int32 [out, in/32]."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.values.shape[0], self.values.shape[1] * 2
-
-    @classmethod
-    def from_bitmask(cls, compressed: torch.Tensor, bitmask: torch.Tensor, name: str | None = None) -> Sparse24Weight:
-        """From sparse-24-bitmask tensors (``compressed`` [out, in/2], ``bitmask`` uint8 [out, in/8])."""
-        label = f"{name}: " if name else ""
-        out_features, half = compressed.shape
-        in_features = 2 * half
-        ok, reason = layout_supported(out_features, in_features, compressed.dtype)
-        if not ok:
-            raise ValueError(label + reason)
-        if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (out_features, in_features // 8):
-            raise ValueError(
-                f"{label}bitmask must be uint8 [{out_features}, {in_features // 8}], "
-                f"got {bitmask.dtype} {list(bitmask.shape)}"
-            )
-        index_bytes = nibble_table(bitmask.device)[bitmask.long()]
-        bad = index_bytes == 0xFF
-        if bool(bad.any()):
-            row, byte = (int(v) for v in bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"{label}bitmask is not 2:4: a group of 4 inputs in row {row}, columns {8 * byte}-{8 * byte + 7}, "
-                "does not have exactly 2 kept weights"
-            )
-        indices = index_bytes.contiguous().view(torch.int32)
-        return cls(compressed.contiguous(), indices)
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, name: str | None = None) -> Sparse24Weight:
-        """From a dense 2:4 weight (at most 2 nonzeros per group of 4; refused otherwise)."""
-        if weight.dim() != 2:
-            raise ValueError(f"{name or 'weight'}: expected a 2-D weight, got shape {list(weight.shape)}")
-        ok, reason = layout_supported(*weight.shape, weight.dtype)
-        if not ok:
-            raise ValueError(f"{name + ': ' if name else ''}{reason}")
-        tensors = compress_sparse_24_bitmask(weight, name)
-        return cls.from_bitmask(tensors["compressed"], tensors["bitmask"], name)
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense [out, in] weight (for checks)."""
-        out_features, in_features = self.shape
-        nibbles = self.indices.view(torch.uint8).view(out_features, -1, 1)
-        nibbles = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).view(out_features, in_features // 4).long()
-        columns = torch.stack((nibbles & 3, nibbles >> 2), dim=-1)  # [out, G, 2]
-        dense = torch.zeros(out_features, in_features // 4, 4, dtype=self.values.dtype, device=self.values.device)
-        dense.scatter_(-1, columns, self.values.view(out_features, -1, 2))
-        return dense.view(out_features, in_features)
-
-
 # --------------------------------------------------------------------------------------------
 # kernels (plain functions, wrapped by triton.jit / the interpreter on first use)
 # --------------------------------------------------------------------------------------------
-def _sparse24_kernel(
+def _sparse24_dot_kernel(
     x_ptr,
     v_ptr,
     idx_ptr,
@@ -182,11 +71,14 @@ def _sparse24_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    DOT: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """y[t, r] (SPLIT_K == 1) or partial[k, t, r] (fp32) for one block of rows, tokens, K slice."""
+    """The tensor-core path (16+ tokens): y[t, r] (SPLIT_K == 1) or partial[k, t, r] (fp32).
+
+    The [BLOCK_OUT, BLOCK_G] tile is expanded in registers into the four in-group column planes
+    (``W[:, 4g + c]``, c = 0..3), each multiplied with the matching strided columns of x.
+    """
     pid_out = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -200,15 +92,7 @@ def _sparse24_kernel(
     value_rows = v_ptr + rows.to(tl.int64)[:, None] * (in_features // 2)
     index_rows = idx_ptr + rows.to(tl.int64)[:, None] * (in_features // 32)
     x_tokens = x_ptr + tokens.to(tl.int64) * stride_x
-    # Gather path: up to 2 tokens, per-lane partial sums reduced once at the end; more tokens
-    # reduce every step (a [BLOCK_N, BLOCK_OUT, BLOCK_G] fp32 accumulator would spill).
-    # BLOCK_G must be a multiple of 8 (whole index words); the caller checks.
-    if DOT:
-        acc = tl.zeros([BLOCK_OUT, BLOCK_N], dtype=tl.float32)
-    elif BLOCK_N <= 2:
-        acc = tl.zeros([BLOCK_N, BLOCK_OUT, BLOCK_G], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_OUT], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_OUT, BLOCK_N], dtype=tl.float32)
     g_begin = pid_k * groups_per_split
     for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         groups = g_begin + step + lanes
@@ -220,35 +104,20 @@ def _sparse24_kernel(
         nibble = tl.reshape((words[:, :, None] >> nibble_shifts[None, None, :]) & 15, [BLOCK_OUT, BLOCK_G])
         i0 = nibble & 3
         i1 = nibble >> 2
-        if DOT:
-            zero = tl.zeros_like(v0)
-            for c in tl.static_range(4):
-                if c == 0:
-                    plane = tl.where(i0 == 0, v0, zero)
-                elif c == 3:
-                    plane = tl.where(i1 == 3, v1, zero)
-                else:
-                    plane = tl.where(i0 == c, v0, tl.where(i1 == c, v1, zero))
-                xc = tl.load(x_tokens[None, :] + (4 * groups + c)[:, None], mask=token_ok[None, :], other=0.0)
-                if UPCAST_DOT:  # Triton's interpreter multiplies bf16 bit patterns as integers
-                    acc = tl.dot(plane.to(tl.float32), xc.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(plane, xc, acc)
-        else:
-            columns = (4 * groups)[None, :]
-            x0 = tl.load(x_tokens[:, None, None] + (columns + i0)[None, :, :], mask=token_ok[:, None, None], other=0.0)
-            x1 = tl.load(x_tokens[:, None, None] + (columns + i1)[None, :, :], mask=token_ok[:, None, None], other=0.0)
-            products = v0.to(tl.float32)[None, :, :] * x0.to(tl.float32) + v1.to(tl.float32)[None, :, :] * x1.to(tl.float32)
-            if BLOCK_N <= 2:
-                acc += products
+        zero = tl.zeros_like(v0)
+        for c in tl.static_range(4):
+            if c == 0:
+                plane = tl.where(i0 == 0, v0, zero)
+            elif c == 3:
+                plane = tl.where(i1 == 3, v1, zero)
             else:
-                acc += tl.sum(products, axis=2)
-    if DOT:
-        out = tl.trans(acc)  # [BLOCK_N, BLOCK_OUT]
-    elif BLOCK_N <= 2:
-        out = tl.sum(acc, axis=2)
-    else:
-        out = acc
+                plane = tl.where(i0 == c, v0, tl.where(i1 == c, v1, zero))
+            xc = tl.load(x_tokens[None, :] + (4 * groups + c)[:, None], mask=token_ok[None, :], other=0.0)
+            if UPCAST_DOT:  # Triton's interpreter multiplies bf16 bit patterns as integers
+                acc = tl.dot(plane.to(tl.float32), xc.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(plane, xc, acc)
+    out = tl.trans(acc)  # [BLOCK_N, BLOCK_OUT]
     offsets = tokens.to(tl.int64)[:, None] * out_features + rows[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -273,47 +142,77 @@ def _sparse24_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    RUN: tl.constexpr,
 ):
-    """The gather path for one token per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
+    """The gather path for 1-8 tokens per program, on flat [BLOCK_OUT * BLOCK_G] tiles.
 
-    Flat tiles leave Triton one layout (lanes along the row, 16-byte value loads) where a 2-D
-    gather tile let it put lanes across rows (uncoalesced, with shared-memory conversions).
-    Element e of a tile is row e // BLOCK_G, group e % BLOCK_G.
+    Flat tiles leave Triton one layout (consecutive lanes on consecutive elements, 16-byte
+    value loads) where a 2-D or 3-D gather tile let it put lanes across rows (uncoalesced,
+    with shared-memory conversions). The tile is cut into runs of RUN groups of one row, rows
+    interleaved: element e is group e % RUN of run e // (RUN * BLOCK_OUT), row
+    (e // RUN) % BLOCK_OUT. RUN = BLOCK_G (64 or 128) puts a warp along one row (32 groups: its
+    x gathers span 256 bytes, two cache lines); RUN = 16 puts it on 16 groups of two rows (one
+    line), with the same loads and instructions. Each step loads the values and index words once and
+    reuses them for every token: one flat fp32 accumulator per token (a tuple), x gathered by
+    index per token.
     """
     pid_out = tl.program_id(0)
     pid_k = tl.program_id(1)
-    token = tl.program_id(2).to(tl.int64)  # the grid has exactly n_tokens programs on axis 2
+    token0 = tl.program_id(2) * BLOCK_N
     row0 = pid_out * BLOCK_OUT
     tile = tl.arange(0, BLOCK_OUT * BLOCK_G)
     value_offsets = tl.arange(0, 2 * BLOCK_OUT * BLOCK_G)
     word_offsets = tl.arange(0, BLOCK_OUT * BLOCK_G // 8)
-    value_rows = v_ptr + (row0 + value_offsets // (2 * BLOCK_G)).to(tl.int64) * (in_features // 2) + value_offsets % (2 * BLOCK_G)
-    word_rows = idx_ptr + (row0 + word_offsets // (BLOCK_G // 8)).to(tl.int64) * (in_features // 32) + word_offsets % (BLOCK_G // 8)
-    x_row = x_ptr + token * stride_x
+    value_rows = (
+        v_ptr
+        + (row0 + value_offsets // (2 * RUN) % BLOCK_OUT).to(tl.int64) * (in_features // 2)
+        + value_offsets // (2 * RUN * BLOCK_OUT) * (2 * RUN)
+        + value_offsets % (2 * RUN)
+    )
+    word_rows = (
+        idx_ptr
+        + (row0 + word_offsets // (RUN // 8) % BLOCK_OUT).to(tl.int64) * (in_features // 32)
+        + word_offsets // (RUN // 8 * BLOCK_OUT) * (RUN // 8)
+        + word_offsets % (RUN // 8)
+    )
+    # Tokens past the last one read the last token's x (valid memory); their sums are not stored.
+    x_rows = ()
+    for t in tl.static_range(BLOCK_N):
+        x_rows = x_rows + (x_ptr + tl.minimum(token0 + t, n_tokens - 1).to(tl.int64) * stride_x,)
     nibble_shifts = 4 * tl.arange(0, 8)
-    acc = tl.zeros([BLOCK_OUT * BLOCK_G], dtype=tl.float32)
+    acc = (tl.zeros([BLOCK_OUT * BLOCK_G], dtype=tl.float32),) * BLOCK_N
     g_begin = pid_k * groups_per_split
     for step in tl.range(0, groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         g_start = g_begin + step
         kept = tl.load(value_rows + 2 * g_start)
         v0, v1 = tl.split(tl.reshape(kept, [BLOCK_OUT * BLOCK_G, 2]))
+        v0 = v0.to(tl.float32)
+        v1 = v1.to(tl.float32)
         words = tl.load(word_rows + g_start // 8)
         nibble = tl.reshape((words[:, None] >> nibble_shifts[None, :]) & 15, [BLOCK_OUT * BLOCK_G])
-        columns = 4 * (g_start + tile % BLOCK_G)
-        x0 = tl.load(x_row + columns + (nibble & 3))
-        x1 = tl.load(x_row + columns + (nibble >> 2))
-        acc += v0.to(tl.float32) * x0.to(tl.float32) + v1.to(tl.float32) * x1.to(tl.float32)
-    out = tl.sum(tl.reshape(acc, [BLOCK_OUT, BLOCK_G]), axis=1)
+        columns = 4 * (g_start + tile // (RUN * BLOCK_OUT) * RUN + tile % RUN)
+        c0 = columns + (nibble & 3)
+        c1 = columns + (nibble >> 2)
+        summed = ()
+        for t in tl.static_range(BLOCK_N):
+            x0 = tl.load(x_rows[t] + c0).to(tl.float32)
+            x1 = tl.load(x_rows[t] + c1).to(tl.float32)
+            summed = summed + (acc[t] + v0 * x0 + v1 * x1,)
+        acc = summed
     rows = row0 + tl.arange(0, BLOCK_OUT)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rows).to(tl.float32)
-        tl.store(y_ptr + token * out_features + rows, out.to(y_ptr.dtype.element_ty))
-    else:
-        partial = y_ptr + pid_k.to(tl.int64) * n_tokens * out_features
-        tl.store(partial + token * out_features + rows, out)
+    for t in tl.static_range(BLOCK_N):
+        token = token0 + t
+        out = tl.sum(tl.sum(tl.reshape(acc[t], [BLOCK_G // RUN, BLOCK_OUT, RUN]), axis=2), axis=0)
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows).to(tl.float32)
+            tl.store(y_ptr + token.to(tl.int64) * out_features + rows, out.to(y_ptr.dtype.element_ty), mask=token < n_tokens)
+        else:
+            partial = y_ptr + (pid_k.to(tl.int64) * n_tokens + token) * out_features
+            tl.store(partial + rows, out, mask=token < n_tokens)
 
 
 def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
@@ -330,11 +229,11 @@ def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.con
 
 @functools.cache
 def _jitted():
-    """(main, one-token gather, split-sum) kernels through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
+    """(gather, dot, split-sum) kernels through ``triton.jit`` (the interpreter under TRITON_INTERPRET=1)."""
     # n_tokens is not specialized: n = 1 and n % 16 == 0 would otherwise each compile anew.
     return (
-        triton.jit(_sparse24_kernel, do_not_specialize=["n_tokens"]),
         triton.jit(_sparse24_gemv_kernel, do_not_specialize=["n_tokens"]),
+        triton.jit(_sparse24_dot_kernel, do_not_specialize=["n_tokens"]),
         triton.jit(_split_sum_kernel),
     )
 
@@ -347,61 +246,6 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------
 # launch
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockConfig:
-    """One launch configuration: tile sizes, inner path, split-K and Triton's warps / stages."""
-
-    block_out: int = 16
-    block_g: int = 64
-    block_n: int = 1
-    split_k: int = 1
-    dot: bool = False
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def as_list(self) -> list[int]:
-        return [self.block_out, self.block_g, self.block_n, self.split_k, int(self.dot), self.num_warps, self.num_stages]
-
-    @classmethod
-    def from_list(cls, items) -> BlockConfig:
-        bo, bg, bn, sk, dot, warps, stages = (int(v) for v in items)
-        return cls(bo, bg, bn, sk, bool(dot), warps, stages)
-
-    def check(self, out_features: int, in_features: int) -> None:
-        """Refuse a configuration that does not tile this shape (or that tl.dot cannot run)."""
-        groups = in_features // 4
-        problems = []
-        if out_features % self.block_out:
-            problems.append(f"out {out_features} % block_out {self.block_out} != 0")
-        if groups % (self.block_g * self.split_k):
-            problems.append(f"in/4 = {groups} groups % (block_g {self.block_g} * split_k {self.split_k}) != 0")
-        if self.block_g % 8:
-            problems.append(f"block_g {self.block_g} is not a multiple of 8 (one index word)")
-        if self.dot and min(self.block_out, self.block_g, self.block_n) < 16:
-            problems.append("the dot path needs block_out, block_g and block_n >= 16")
-        if problems:
-            raise ValueError(f"block config {self} does not fit a {out_features}x{in_features} weight: " + "; ".join(problems))
-
-
-def default_config(n_tokens: int, out_features: int, in_features: int) -> BlockConfig:
-    """A configuration that fits the shape: gather up to 8 tokens, tensor-core dot above.
-
-    One token: 16 rows x 128 groups, 8 warps, 3 stages, no split-K; the sweep on an H200
-    (benchmarks/results/h200-decode-sweep.jsonl) found it within 7% of each Llama shape's best.
-    """
-    groups = in_features // 4
-    if n_tokens <= 1:
-        if groups % 128 == 0:
-            return BlockConfig(16, 128, 1, 1, False, 8, 3)
-        return BlockConfig(16, next(g for g in (64, 32, 16) if groups % g == 0), 1, 1, False, 4, 3)
-    block_n = 1 << (n_tokens - 1).bit_length()
-    dot = block_n > 8
-    block_n = min(max(block_n, 16), 64) if dot else block_n
-    block_out = 64 if dot and out_features % 64 == 0 else (32 if dot and out_features % 32 == 0 else 16)
-    block_g = next(g for g in (64, 32, 16) if groups % g == 0)
-    return BlockConfig(block_out, block_g, block_n, 1, dot, 4, 2)
-
-
 def matmul(
     x: torch.Tensor, weight: Sparse24Weight, bias: torch.Tensor | None = None, config: BlockConfig | None = None
 ) -> torch.Tensor:
@@ -433,26 +277,20 @@ def matmul(
     y = torch.empty(n_tokens, out_features, dtype=x.dtype, device=x.device)
     if n_tokens == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    main, gemv, split_sum = _jitted()
+    gemv, dot, split_sum = _jitted()
     groups_per_split = in_features // 4 // config.split_k
     partial = y if config.split_k == 1 else torch.empty(config.split_k, n_tokens, out_features, dtype=torch.float32, device=x.device)
     grid = (out_features // config.block_out, config.split_k, triton.cdiv(n_tokens, config.block_n))
     args = (x2, weight.values, weight.indices, bias if bias is not None else y, partial, n_tokens, in_features, out_features)
-    common = dict(HAS_BIAS=bias is not None, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g, SPLIT_K=config.split_k)
+    args += (x2.stride(0), groups_per_split)
+    common = dict(
+        HAS_BIAS=bias is not None, BLOCK_OUT=config.block_out, BLOCK_G=config.block_g, BLOCK_N=config.block_n, SPLIT_K=config.split_k
+    )
     launch = dict(NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.block_n == 1 and not config.dot:
-        gemv[grid](*args, x2.stride(0), groups_per_split, **common, **launch)
+    if config.dot:
+        dot[grid](*args, **common, UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(), **launch)
     else:
-        main[grid](
-            *args,
-            x2.stride(0),
-            groups_per_split,
-            **common,
-            BLOCK_N=config.block_n,
-            DOT=config.dot,
-            UPCAST_DOT=x.dtype == torch.bfloat16 and interpreting(),
-            **launch,
-        )
+        gemv[grid](*args, **common, **launch, RUN=config.run or config.block_g)
     if config.split_k > 1:
         numel = n_tokens * out_features
         block = 1024
