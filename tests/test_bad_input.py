@@ -76,6 +76,13 @@ def test_claimed_saliency_path_fails_at_once_naming_the_holder(capsys, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # both locks released
 
 
+def test_saliency_file_inside_the_output_is_refused(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    code, _, err = cli(capsys, "prune", "--output", tmp_path / "out", "--save-saliency", tmp_path / "out" / "s.safetensors", *FAST)
+    assert_clean_error(code, err, "--save-saliency", "is inside --output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
+
+
 # ---------------------------------------------------------------- 4. output location
 
 

@@ -1,6 +1,6 @@
-"""Fault injection (issue 15, items 2-4): `unipruning prune` killed with SIGKILL at each phase,
-run against a file-size limit (a full disk, without root), and raced by a second run on the
-same output. Each test asserts the error line and exit code, that the previous output and
+"""Fault injection (issue 15, items 2-4): `unipruning prune` killed with SIGKILL at each phase
+(and stopped by SIGTERM), run against a file-size limit (a full disk, without root), and raced
+by a second run on the same output. Each test asserts the error line and exit code, that the previous output and
 saliency file are intact, and that nothing partial is left once the next run has swept.
 
 Runs go through tests/fault_runner.py in a subprocess (the 2-layer model, two windows of 32
@@ -80,6 +80,19 @@ def test_kill_during_calibration(capsys, run):
     assert old_output_intact(folder)
 
 
+def test_sigterm_cleans_up_at_once(run):
+    """SIGTERM (and SIGHUP) take the Ctrl-C path: one error line, exit 130, no lock left either."""
+    folder, args = run
+    proc = spawn("none", args)
+    for line in proc.stderr:
+        if "Calibrating" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    code, err = finish(proc)
+    assert code == 130 and "error: interrupted by SIGTERM" in err and "Traceback" not in err, err[-2000:]
+    assert old_output_intact(folder) and sorted(p.name for p in folder.iterdir()) == ["S", "Y"]
+
+
 def test_kill_while_staging(capsys, run):
     folder, args = run
     code, _ = finish(spawn("kill-staging", args))
@@ -139,15 +152,20 @@ def test_two_runs_on_one_output(capsys, run, tmp_path):
     folder, args = run
     go = tmp_path / "go"
     first = spawn("hold", args, env={"UNIPRUNING_TEST_GO": str(go)})
-    for line in first.stderr:
-        if line.strip() == "claimed":
-            break
-    start = time.perf_counter()
-    code, _, err = cli(capsys, *args)
-    assert_clean_error(code, err, f"--output {folder / 'Y'} is being written by another unipruning run (pid {first.pid})")
-    assert time.perf_counter() - start < 30 and old_output_intact(folder)
-    go.touch()
-    out, err = first.communicate(timeout=600)
+    try:
+        for line in first.stderr:
+            if line.strip() == "claimed":
+                break
+        start = time.perf_counter()
+        code, _, err = cli(capsys, *args)
+        assert_clean_error(code, err, f"--output {folder / 'Y'} is being written by another unipruning run (pid {first.pid})")
+        assert time.perf_counter() - start < 30 and old_output_intact(folder)
+        go.touch()
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:  # the test failed while the first run waited
+            first.kill()
+            first.wait()
     assert first.returncode == 0, err
     assert json.loads(out.splitlines()[-1])["output"] == str(folder / "Y")
     assert sparse_config_of(folder / "Y")["format"] == "sparse-24-bitmask"

@@ -56,7 +56,7 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run, report=print_summary)
 
 
-def build_modifier(args: argparse.Namespace, calibration: dict) -> "UniPruningModifier":
+def build_modifier(args: argparse.Namespace, calibration: dict):
     """The UniPruningModifier of the mask options over the file's targets; errors name the flag."""
     from pydantic import ValidationError
 

@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     positive("--eval-tokens", args.eval_tokens, args.eval_window)
     output = output_path(args.output)
     saliency_path = check_saliency_output(args.save_saliency) if args.save_saliency else None
+    if saliency_path is not None and saliency_path.is_relative_to(output):
+        raise UsageError(f"--save-saliency {args.save_saliency} is inside --output {args.output}, which is replaced as a whole")
     recipe_path = resolve_recipe(args.recipe)
     with claim_outputs((output, "--output"), (saliency_path, "--save-saliency")) as (claim, saliency_claim):
         check_output(claim, args.overwrite)
