@@ -31,14 +31,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unipruning_modifier.checkpoint import (
     compress_sparse_24_bitmask,
     compress_sparse_bitmask,
     compress_state_dict,
+    load_sparse_state_dict,
     sparsity_config,
     unpack_bitmask,
+    write_sparse,
 )
 
 from .test_checkpoint_codecs import INT_VIEW, llama_like_state_dict, make_24, make_unstructured, raw
@@ -120,6 +123,10 @@ CT_SCRIPT = textwrap.dedent(
             ours = {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
             for k, v in compressor.decompress_from_state_dict(ours):
                 out[f"sddec::{fmt}::{tag}::{k}"] = v.contiguous()
+
+    for fmt, folder in job["folders"].items():  # checkpoint folders written by write_sparse (checksums in metadata)
+        attempt("folder::" + fmt, lambda: out.update(
+            {f"folder::{fmt}::{k}": v.contiguous() for k, v in compressors[fmt].decompress(folder)}))
 
     configs = [SparsityCompressionConfig.load_from_registry(c["format"], **c).model_dump() for c in job["configs"]]
     save_file({k: v.contiguous().clone() for k, v in out.items()}, job["output"])
@@ -269,6 +276,14 @@ def ct014_results(ct014_python, tmp_path_factory):
             for key, value in sd_ours[fmt, tag].items():
                 inputs[f"sdours::{fmt}::{tag}::{key}"] = value
 
+    folders = {}
+    for fmt, structure in (("sparse-24-bitmask", "2:4"), ("sparse-bitmask", "unstructured")):
+        folders[fmt] = work / f"checkpoint-{fmt}"
+        folders[fmt].mkdir()
+        save_file(sd["bf16"], str(folders[fmt] / "model.safetensors"), metadata={"format": "pt"})
+        (folders[fmt] / "config.json").write_text("{}")
+        write_sparse(folders[fmt], TARGETS, fmt, structure)
+
     save_file({k: v.contiguous().clone() for k, v in inputs.items()}, str(work / "inputs.safetensors"))
     (work / "ct_script.py").write_text(CT_SCRIPT)
     job = {
@@ -278,6 +293,7 @@ def ct014_results(ct014_python, tmp_path_factory):
         "targets": TARGETS,
         "sd_dtypes": SD_DTYPES,
         "configs": CONFIGS,
+        "folders": {fmt: str(folder) for fmt, folder in folders.items()},
     }
     (work / "job.json").write_text(json.dumps(job))
     start = time.perf_counter()
@@ -292,6 +308,7 @@ def ct014_results(ct014_python, tmp_path_factory):
         "ours": ours,
         "sd": sd,
         "sd_ours": sd_ours,
+        "folders": folders,
     }
 
 
@@ -384,6 +401,22 @@ def test_state_dict_matches_ct(ct014_results, fmt, tag):
     assert sorted(back) == sorted(r["sd"][tag])
     for key, value in r["sd"][tag].items():
         assert_same(back[key], value, key)
+
+
+@pytest.mark.parametrize("fmt", ["sparse-24-bitmask", "sparse-bitmask"])
+def test_ct_reads_our_checkpoint_files(ct014_results, fmt):
+    """compressed-tensors' own folder reader takes shards with our checksum metadata."""
+    r = ct014_results
+    folder = r["folders"][fmt]
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert "unipruning.crc32" in handle.metadata()
+    assert f"folder::{fmt}" not in r["errors"], r["errors"].get(f"folder::{fmt}")
+    prefix = f"folder::{fmt}::"
+    theirs = {k[len(prefix):]: v for k, v in r["ct"].items() if k.startswith(prefix)}
+    ours = load_sparse_state_dict(folder)
+    assert sorted(theirs) == sorted(ours)
+    for key, value in ours.items():
+        assert_same(theirs[key], value, key)
 
 
 def test_sparsity_config_parses_in_ct(ct014_results):

@@ -29,11 +29,21 @@ def demo_eval_text() -> str:
 def read_text(source: str, split: str = "train", text_column: str = "text") -> str:
     """Text of a local file, or of a Hugging Face dataset ``name`` / ``name:config``.
 
-    Raises FileNotFoundError or ValueError naming ``source`` when it is missing or empty.
+    Raises FileNotFoundError or ValueError naming ``source`` when it is missing, empty, or not
+    UTF-8 text (calibrating on replacement characters would prune for garbage).
     """
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"dataset {source!r} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                "give a plain-text file"
+            ) from None
+        if "\x00" in text:
+            raise ValueError(f"dataset {source!r} holds NUL characters: a binary file, not text")
     elif path.exists() or source.startswith((".", "/", "~")) or source.endswith((".txt", ".text")):
         raise FileNotFoundError(f"dataset {source!r}: no such text file")
     else:

@@ -5,7 +5,10 @@ A saliency file is one safetensors file holding, for every target layer ``P`` of
 batch at which each weight entered the path, int32), which is everything a mask needs
 (mask_policy.MaskPolicy.keys). Its metadata (``"unipruning"``: a JSON string) names the model, a
 fingerprint of its target weights, every layer's shape and the calibration settings, so a file
-is refused, naming the layer, when it does not belong to the model it is applied to.
+is refused, naming the layer, when it does not belong to the model it is applied to. The file
+is written atomically with a checksum per tensor (checkpoint/files.py); reading it checks the
+header, the metadata's fields, the checksums, every tensor's shape and that Γ and the anchor
+are finite, so a damaged or edited file is refused before it decides any mask.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .checkpoint.files import DamagedFileError, check_header, recorded_checksums, verify_tensor, write_safetensors
 
 FORMAT = "unipruning-saliency"
 VERSION = 1
@@ -71,7 +75,8 @@ def save_saliency(path: str | os.PathLike, layers: dict[str, LayerSaliency], met
     """Write the layers' saliency and ``metadata`` (JSON-serialisable) to ``path`` atomically.
 
     ``dtype`` ("float32" or "bfloat16") is the storage dtype of gamma and anchor_mean; masks are
-    always taken from the stored values, so a bf16 file prunes the same way every time.
+    always taken from the stored values, so a bf16 file prunes the same way every time. A layer
+    whose Γ or anchor is not finite (a diverged calibration) is refused by name.
     """
     if dtype not in STORAGE_DTYPES:
         raise SaliencyFileError(f"saliency dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
@@ -81,6 +86,7 @@ def save_saliency(path: str | os.PathLike, layers: dict[str, LayerSaliency], met
         tensors[f"{name}.gamma"] = layer.gamma.to("cpu", STORAGE_DTYPES[dtype]).contiguous()
         tensors[f"{name}.anchor_mean"] = layer.anchor_mean.to("cpu", STORAGE_DTYPES[dtype]).contiguous()
         tensors[f"{name}.first_step"] = layer.first_step.to("cpu", torch.int32).contiguous()
+        _check_finite(f"saliency of layer {name}", tensors[f"{name}.gamma"], tensors[f"{name}.anchor_mean"])
     info = {
         "format": FORMAT,
         "version": VERSION,
@@ -88,29 +94,61 @@ def save_saliency(path: str | os.PathLike, layers: dict[str, LayerSaliency], met
         **metadata,
         "layers": {name: {"shape": list(layer.gamma.shape), "steps": layer.steps} for name, layer in layers.items()},
     }
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata={"unipruning": json.dumps(info)})
-    os.replace(partial, path)
+    try:
+        write_safetensors(path, tensors, {"unipruning": json.dumps(info)})
+    except Exception as error:  # a full disk or file-size limit (safetensors raises its own type)
+        raise SaliencyFileError(f"saliency file {path}: cannot be written ({error})") from None
+
+
+def _check_finite(what: str, *tensors: torch.Tensor) -> None:
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+    if bad:
+        raise SaliencyFileError(f"{what}: {bad} NaN/inf values (calibration diverged, or the file was altered); calibrate again")
+
+
+def _check_fields(info: dict) -> str | None:
+    """What is wrong with a saliency file's metadata fields, or None."""
+    layers, calibration = info.get("layers"), info.get("calibration")
+    if not isinstance(layers, dict) or not layers:
+        return "'layers' must map each layer to its shape"
+    for name, entry in layers.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            return f"layer {name}: 'shape' must be [out, in], got {shape!r}"
+    if not isinstance(calibration, dict):
+        return "'calibration' (the settings the file was calibrated with) is missing"
+    for key in ("targets", "ignore"):
+        if not (isinstance(calibration.get(key), list) and all(isinstance(v, str) for v in calibration[key])):
+            return f"calibration.{key} must be a list of layer names or patterns, got {calibration.get(key)!r}"
+    if not isinstance(info.get("fingerprint"), str):
+        return "'fingerprint' is missing"
+    return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The file's metadata; SaliencyFileError when it is not a saliency file of this version."""
+    """The file's metadata; SaliencyFileError when it is not a well-formed saliency file of
+    this version (naming the field that is wrong)."""
     path = Path(path)
     if not path.is_file():
         raise SaliencyFileError(f"saliency file {path}: no such file")
     try:
-        with safe_open(str(path), "pt") as handle:
-            raw = (handle.metadata() or {}).get("unipruning")
-    except Exception as error:  # safetensors raises its own error types for a bad header
-        raise SaliencyFileError(f"saliency file {path}: not a safetensors file ({error})") from error
+        raw = (check_header(path).get("__metadata__") or {}).get("unipruning")
+    except DamagedFileError as error:
+        raise SaliencyFileError(f"saliency file {error}") from None
     if raw is None:
         raise SaliencyFileError(f"saliency file {path}: no 'unipruning' metadata; not written by UniPruning")
-    info = json.loads(raw)
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
+    try:
+        info = json.loads(raw)
+    except ValueError as error:
+        raise SaliencyFileError(f"saliency file {path}: metadata 'unipruning' is not JSON ({error})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
+        found = (info.get("format"), info.get("version")) if isinstance(info, dict) else (None, None)
         raise SaliencyFileError(
-            f"saliency file {path}: format {info.get('format')!r} version {info.get('version')!r}, "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"saliency file {path}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version {VERSION}"
         )
+    problem = _check_fields(info)
+    if problem:
+        raise SaliencyFileError(f"saliency file {path}: metadata 'unipruning': {problem}")
     return info
 
 
@@ -118,18 +156,36 @@ def load_saliency(
     path: str | os.PathLike, names: list[str] | None = None, device="cpu", info: dict | None = None
 ) -> tuple[dict[str, LayerSaliency], dict]:
     """The saliency of ``names`` (default: every layer in the file) and the file's metadata
-    (``info``, when the caller already read it with ``read_metadata``)."""
+    (``info``, when the caller already read it with ``read_metadata``). Each tensor is checked
+    against its checksum and the shape in the metadata, Γ and the anchor for NaN / inf;
+    SaliencyFileError naming the layer otherwise."""
     info = read_metadata(path) if info is None else info
     names = list(info["layers"]) if names is None else names
     layers = {}
-    with safe_open(str(path), "pt", device=str(device)) as handle:
-        stored = set(handle.keys())
+    with safe_open(str(path), "pt", device="cpu") as handle:
+        stored = list(handle.keys())
+        try:
+            recorded = recorded_checksums(path, handle.metadata(), stored)
+        except DamagedFileError as error:
+            raise SaliencyFileError(f"saliency file {error}") from None
         for name in names:
             missing = [f"{name}.{p}" for p in PARAMS if f"{name}.{p}" not in stored]
-            if missing:
-                raise SaliencyFileError(f"saliency file {path}: layer {name} has no tensors {missing}")
-            gamma, anchor, first = (handle.get_tensor(f"{name}.{p}") for p in PARAMS)
-            layers[name] = LayerSaliency(gamma, anchor, first, info["layers"].get(name, {}).get("steps"))
+            if missing or name not in info["layers"]:
+                raise SaliencyFileError(f"saliency file {path}: layer {name} has no tensors {missing} or no metadata entry")
+            tensors = {p: handle.get_tensor(f"{name}.{p}") for p in PARAMS}
+            shape = info["layers"][name]["shape"]
+            for param, tensor in tensors.items():
+                try:
+                    verify_tensor(path, f"{name}.{param}", tensor, recorded)
+                except DamagedFileError as error:
+                    raise SaliencyFileError(f"saliency file {error}") from None
+                if list(tensor.shape) != shape:
+                    raise SaliencyFileError(
+                        f"saliency file {path}: layer {name}: {param} has shape {list(tensor.shape)}, its metadata says {shape}"
+                    )
+            _check_finite(f"saliency file {path}: layer {name}", tensors["gamma"], tensors["anchor_mean"])
+            record = LayerSaliency(tensors["gamma"], tensors["anchor_mean"], tensors["first_step"], info["layers"][name].get("steps"))
+            layers[name] = record if str(device) == "cpu" else record.to(device, record.gamma.dtype)
     return layers, info
 
 

@@ -3,12 +3,14 @@
 One file per format (``dense``, ``sparse_24_bitmask``, ``sparse_bitmask``) registered in
 ``registry``; ``bitmask`` packs and unpacks the masks they share; ``state_dict`` compresses a
 whole state dict and builds the config.json ``sparsity_config``; ``save`` writes a pruned
-model's checkpoint (``save_sparse``), ``load`` reads one back (``load_sparse``). No
+model's checkpoint (``save_sparse``), ``load`` reads one back (``load_sparse``); ``files``
+writes every file atomically with per-tensor checksums and checks them on reading. No
 llm-compressor import: this package also serves the vLLM plugin. See docs/checkpoint-format.md.
 """
 
 from . import dense, sparse_24_bitmask, sparse_bitmask  # noqa: F401  (register the formats)
 from .bitmask import pack_bitmask, row_popcounts, unpack_bitmask
+from .files import DamagedFileError, read_safetensors, write_safetensors
 from .load import load_sparse, load_sparse_state_dict, sparse_config_of
 from .registry import (
     FORMATS,
@@ -31,6 +33,7 @@ __all__ = [
     "FORMATS",
     "SUPPORTED_DTYPES",
     "Codec",
+    "DamagedFileError",
     "SparseFormatError",
     "compress",
     "compress_sparse_24_bitmask",
@@ -49,6 +52,7 @@ __all__ = [
     "mask_24",
     "pack_bitmask",
     "parse_shape",
+    "read_safetensors",
     "register_format",
     "row_popcounts",
     "save_sparse",
@@ -56,5 +60,6 @@ __all__ = [
     "sparsity_config",
     "storage_bytes",
     "unpack_bitmask",
+    "write_safetensors",
     "write_sparse",
 ]

@@ -21,21 +21,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from .bitmask import nonzero
+from .files import atomic_write, read_safetensors, write_safetensors
 from .load import INDEX_NAME, shards
 from .registry import SUPPORTED_DTYPES, SparseFormatError, get_codec
 from .state_dict import compress_state_dict, sparsity_config
 
 __all__ = ["is_sparse", "mark_sparse", "save_sparse", "write_sparse"]
-
-
-def _replace_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata or {"format": "pt"})
-    os.chmod(partial, path.stat().st_mode)  # keep the permissions the shard had
-    os.replace(partial, path)
 
 
 def _stored_weight(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor | None:
@@ -61,8 +54,9 @@ def write_sparse(
     it is; when no module could be compressed the config says ``format: "dense"`` with the
     structure, which is what llm-compressor 0.10 wrote for such models. The sparsity_config
     goes into config.json's ``quantization_config`` (created if absent, merged if quantized).
-    Returns it, or None for ``format == "dense"`` (nothing written). Each shard is replaced
-    atomically. ``global_sparsity`` (zeros over all parameters, as compressed-tensors computed
+    Returns it, or None for ``format == "dense"`` (nothing written). Every shard is rewritten,
+    atomically, with a checksum of each tensor in its metadata (files.py); so are the index and
+    config.json. ``global_sparsity`` (zeros over all parameters, as compressed-tensors computed
     it on the model) is counted over the stored floating-point tensors when not given.
     """
     folder = Path(folder)
@@ -78,9 +72,7 @@ def write_sparse(
     weight_map: dict[str, str] = {}
     compressed_any = False
     for shard in shards(folder):
-        with safe_open(str(shard), "pt") as handle:
-            metadata = handle.metadata()
-        tensors = load_file(str(shard))
+        tensors, metadata = read_safetensors(shard)
         if global_sparsity is None:
             for tensor in tensors.values():
                 if tensor.is_floating_point():
@@ -89,14 +81,13 @@ def write_sparse(
         here = [name for name in wanted if _stored_weight(tensors, name) is not None]
         compressed_any |= bool(here)
         compressed = compress_state_dict(tensors, here, codec.format) if here else tensors
-        if here:
-            _replace_file(shard, compressed, metadata)
+        write_safetensors(shard, compressed, metadata)
         weight_map.update({key: shard.name for key in compressed})
     index = folder / INDEX_NAME
     if index.is_file() and compressed_any:
         data = json.loads(index.read_text())
         data["weight_map"] = dict(sorted(weight_map.items()))
-        index.write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write(index, lambda partial: partial.write_text(json.dumps(data, indent=2) + "\n"))
 
     if global_sparsity is None:
         global_sparsity = zeros / total if total else 0.0
@@ -109,9 +100,7 @@ def write_sparse(
     }
     quantization["sparsity_config"] = result
     config["quantization_config"] = quantization
-    partial = config_path.with_name(".config.json.partial")
-    partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, config_path)
+    atomic_write(config_path, lambda partial: partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return result
 
 

@@ -37,7 +37,14 @@ def run(args: argparse.Namespace) -> dict:
 
     if find_spec("lm_eval") is None:
         raise UsageError("lm-eval is not installed: pip install 'unipruning-modifier[eval]'")
-    model_id = check_model_path(args.model)
+    model_id = check_model_path(args.model, args.trust_remote_code)
+    if Path(model_id).is_dir():
+        from ..checkpoint import sparse_config_of
+
+        try:
+            sparse_config_of(model_id)
+        except ValueError as error:
+            raise UsageError(f"--model {args.model}: {error}") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UsageError("--tasks: give at least one task")

@@ -12,10 +12,11 @@ import typing
 from .. import data
 from ..mask_fields import MaskSettings, field_help
 from .common import UsageError, add_model_options, log, positive, select
-from .model_io import check_model_path, check_output, load_model, save_checkpoint
-from .prune import print_layer_sparsity
+from .model_io import check_model_path, checkpoint_bytes, load_dtypes, load_model, load_tokenizer, save_checkpoint, skeleton
+from .outputs import check_free_space, check_output, claim_outputs, output_path
+from .prune import eval_tokens, print_layer_sparsity
 
-__all__ = ["add_parser", "mask_options", "print_summary", "run"]
+__all__ = ["add_parser", "build_modifier", "mask_options", "print_summary", "run"]
 
 
 def flag(field: str) -> str:
@@ -55,70 +56,106 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run, report=print_summary)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Validate everything, then load, mask from the saliency file, measure, save."""
-    demo = args.model is None
-    model_id = data.demo_model_path() if demo else check_model_path(args.model)
-    eval_path = args.eval_text or data.demo_eval_text()
-    if args.eval_tokens:
-        positive("--eval-window", args.eval_window, 2)
-        positive("--eval-tokens", args.eval_tokens, args.eval_window)
-    output = check_output(args.output, args.overwrite)
-
+def build_modifier(args: argparse.Namespace, calibration: dict):
+    """The UniPruningModifier of the mask options over the file's targets; errors name the flag."""
     from pydantic import ValidationError
 
     from ..modifier import UniPruningModifier
-    from ..device import PeakMemory, timed
-    from ..evaluation import layer_sparsity, perplexity, total_sparsity
+
+    fields = {name: getattr(args, name) for name in MaskSettings.model_fields if getattr(args, name) is not None}
+    fields.update(targets=calibration["targets"], ignore=calibration["ignore"], load_saliency=args.saliency)
+    try:
+        return UniPruningModifier(**fields)
+    except ValidationError as error:
+        raise UsageError("; ".join(problem(e) for e in error.errors())) from None
+
+
+def problem(error: dict) -> str:
+    """One pydantic error as '--flag: message'; an error of a combination names the first
+    mask field its message mentions."""
+    message = error["msg"].removeprefix("Value error, ")
+    field = str(error["loc"][0]) if error["loc"] else None
+    if field not in MaskSettings.model_fields:
+        mentioned = [(message.find(name), name) for name in MaskSettings.model_fields if name in message]
+        field = min(mentioned)[1] if mentioned else None
+    return f"{flag(field)}: {message}" if field else message
+
+
+def check_structure(modifier, model, args: argparse.Namespace) -> list[str]:
+    """The layers to prune (the file's calibration targets), after checking that N:M fits them."""
+    _, m = modifier.nm
+    targets = modifier.target_modules(model)
+    for name, module in targets.items():
+        if m and module.in_features % m:
+            raise UsageError(
+                f"--mask-structure {args.mask_structure}: layer {name} has {module.in_features} inputs, not a multiple of "
+                f"{m}; extract prunes every layer calibrated in --saliency, so choose an M that divides each input size "
+                "(or calibrate again with that layer in the recipe's ignore)"
+            )
+    try:
+        modifier.resolve(model)
+    except ValueError as error:
+        raise UsageError(f"--saliency {args.saliency}: its calibration targets do not fit --model: {error}") from None
+    return sorted(targets)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate everything and claim the output, then load, mask from the saliency file, measure, save."""
+    demo = args.model is None
+    model_id = data.demo_model_path() if demo else check_model_path(args.model, args.trust_remote_code)
+    if args.eval_tokens:
+        positive("--eval-window", args.eval_window, 2)
+        positive("--eval-tokens", args.eval_tokens, args.eval_window)
+    output = output_path(args.output)
+
     from ..saliency_file import SaliencyFileError, read_metadata
 
     try:
         calibration = read_metadata(args.saliency)["calibration"]
-    except (SaliencyFileError, KeyError) as error:
-        raise UsageError(f"--saliency: {error}") from error
-    fields = {name: getattr(args, name) for name in MaskSettings.model_fields if getattr(args, name) is not None}
-    fields.update(targets=calibration["targets"], ignore=calibration["ignore"], load_saliency=args.saliency)
-    try:
-        modifier = UniPruningModifier(**fields)
-    except ValidationError as error:
-        problems = "; ".join(
-            (f"{flag(str(e['loc'][0]))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ") for e in error.errors()
-        )
-        raise UsageError(problems) from error
+    except SaliencyFileError as error:
+        raise UsageError(f"--saliency: {error}") from None
+    modifier = build_modifier(args, calibration)
     device = select(args.device)
-    eval_text = None
-    if args.eval_tokens:
-        try:
-            eval_text = data.read_text(eval_path)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"--eval-text: {error}") from error
+    with claim_outputs((output, "--output")) as (claim,):
+        check_output(claim, args.overwrite)
+        return extract(args, model_id, modifier, device, claim)
+
+
+def extract(args: argparse.Namespace, model_id: str, modifier, device, claim) -> dict:
+    """Checks against config.json, then load, mask, measure and save (the output claimed)."""
+    from ..device import PeakMemory, timed
+    from ..evaluation import layer_sparsity, perplexity, total_sparsity
+    from ..saliency_file import SaliencyFileError
+
+    tokenizer = load_tokenizer(model_id, args)
+    tokens = eval_tokens(args, tokenizer) if args.eval_tokens else None
+    shapes = skeleton(model_id, args)
+    targets = check_structure(modifier, shapes, args)
+    saved_dtype, _ = load_dtypes(model_id, args, device)
+    check_free_space([(claim.path, "--output", checkpoint_bytes(shapes, saved_dtype))])
 
     from llmcompressor import oneshot
 
-    model, tokenizer, saved_dtype = load_model(model_id, args, device)
-    try:
-        targets = sorted(modifier.resolve(model)[0])
-    except ValueError as error:
-        raise UsageError(f"--mask-structure {args.mask_structure}: {error}") from error
+    model, saved_dtype = load_model(model_id, args, device)
     with PeakMemory(device) as memory, timed(device) as clock:
         try:
             model = oneshot(model=model, recipe=[modifier])
         except SaliencyFileError as error:
-            raise UsageError(f"--saliency: {error}") from error
+            raise UsageError(f"--saliency: {error}") from None
     ppl = None
-    if eval_text is not None:
+    if tokens is not None:
         log("perplexity of the pruned model")
-        ppl = perplexity(model, data.token_stream(tokenizer, eval_text), args.eval_window, args.eval_tokens, progress=True)
-    per_layer = layer_sparsity(model, targets)
-    checkpoint_mb = save_checkpoint(model, tokenizer, output, args.save_format, saved_dtype)
+        ppl = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
+    per_layer, sparsity = layer_sparsity(model, targets), total_sparsity(model, targets)
+    checkpoint_mb = save_checkpoint(model, tokenizer, claim, args.save_format, saved_dtype, args.trust_remote_code)
     return {
         "model": str(model_id),
         "saliency": str(args.saliency),
-        "output": str(output),
+        "output": str(claim.path),
         "device": str(device),
         "mask_structure": args.mask_structure,
         "allocation": args.allocation,
-        "sparsity": total_sparsity(model, targets),
+        "sparsity": sparsity,
         "layer_sparsity": per_layer,
         "ppl_pruned": ppl,
         "checkpoint_mb": checkpoint_mb,

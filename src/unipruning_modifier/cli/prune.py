@@ -7,10 +7,19 @@ from pathlib import Path
 
 from .. import data
 from .common import UsageError, add_model_options, log, positive, select
-from .model_io import check_model_path, check_output, load_model, save_checkpoint
-from .recipes import load_recipe, resolve_recipe
+from .model_io import (
+    check_model_path,
+    checkpoint_bytes,
+    load_dtypes,
+    load_model,
+    load_tokenizer,
+    save_checkpoint,
+    skeleton,
+)
+from .outputs import check_free_space, check_output, claim_outputs, output_path
+from .recipes import check_fits, load_recipe, resolve_recipe
 
-__all__ = ["add_parser", "print_summary", "run"]
+__all__ = ["add_parser", "eval_tokens", "print_summary", "run"]
 
 
 def add_parser(commands) -> None:
@@ -41,13 +50,54 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run, report=print_summary)
 
 
-def check_saliency_output(value: str, overwrite: bool) -> str:
+def check_saliency_output(value: str) -> Path:
     path = Path(value).expanduser().resolve()
-    if path.exists() and not overwrite:
-        raise UsageError(f"--save-saliency {value} exists (pass --overwrite to replace it)")
+    if path.is_dir():
+        raise UsageError(f"--save-saliency {value} is a folder; give a file name (e.g. model.saliency.safetensors)")
     if not path.parent.is_dir():
         raise UsageError(f"--save-saliency {value}: folder {path.parent} does not exist")
-    return str(path)
+    return path
+
+
+def saliency_bytes(recipe, model, targets: list[str]) -> int:
+    """Size of the saliency file: Γ and the anchor mean in the storage dtype, first_step int32."""
+    from ..saliency_file import STORAGE_DTYPES
+
+    modifier = next(m for m in recipe.modifiers if getattr(m, "save_saliency", None))
+    modules = dict(model.named_modules())
+    return sum(modules[n].weight.numel() for n in targets) * (2 * STORAGE_DTYPES[modifier.saliency_dtype].itemsize + 4)
+
+
+def read_text(flag: str, source: str) -> str:
+    try:
+        return data.read_text(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
+def eval_tokens(args: argparse.Namespace, tokenizer):
+    """``--eval-text`` (default: the built-in text) as tokens, at least one ``--eval-window``."""
+    source = args.eval_text or data.demo_eval_text()
+    tokens = data.token_stream(tokenizer, read_text("--eval-text", source))
+    if tokens.numel() < args.eval_window:
+        raise UsageError(f"--eval-text {source}: {tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
+    return tokens
+
+
+def read_texts(args: argparse.Namespace, tokenizer, num_samples: int, seq_len: int):
+    """(calibration windows of ``--dataset``, evaluation tokens), checked before the model loads."""
+    source = args.dataset or data.demo_calibration_text()
+    tokens = data.token_stream(tokenizer, read_text("--dataset", source))
+    available = tokens.numel() // seq_len
+    if available == 0:
+        raise UsageError(
+            f"--dataset {source}: {tokens.numel()} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give a longer text or a smaller --seq-len"
+        )
+    if available < num_samples:
+        log(f"--dataset {source}: {tokens.numel()} tokens make {available} windows of {seq_len}, fewer than --num-samples {num_samples}")
+    windows = data.calibration_windows(tokens, num_samples, seq_len, args.seed)
+    return data.windows_dataset(windows), eval_tokens(args, tokenizer)
 
 
 def with_saved_saliency(recipe, path: str, recipe_path: str):
@@ -72,74 +122,81 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Validate everything, then load, measure, prune, measure, save."""
+    """Validate everything and claim the outputs, then load, measure, prune, measure, save."""
     demo = args.model is None
-    model_id = data.demo_model_path() if demo else check_model_path(args.model)
-    dataset = args.dataset or data.demo_calibration_text()
-    eval_path = args.eval_text or data.demo_eval_text()
+    model_id = data.demo_model_path() if demo else check_model_path(args.model, args.trust_remote_code)
     num_samples = positive("--num-samples", (64 if demo else 128) if args.num_samples is None else args.num_samples)
     seq_len = positive("--seq-len", (256 if demo else 512) if args.seq_len is None else args.seq_len, 2)
     positive("--eval-window", args.eval_window, 2)
     positive("--eval-tokens", args.eval_tokens, args.eval_window)
-    output = check_output(args.output, args.overwrite)
-    saliency_path = check_saliency_output(args.save_saliency, args.overwrite) if args.save_saliency else None
+    output = output_path(args.output)
+    saliency_path = check_saliency_output(args.save_saliency) if args.save_saliency else None
+    if saliency_path is not None and saliency_path.is_relative_to(output):
+        raise UsageError(f"--save-saliency {args.save_saliency} is inside --output {args.output}, which is replaced as a whole")
     recipe_path = resolve_recipe(args.recipe)
+    with claim_outputs((output, "--output"), (saliency_path, "--save-saliency")) as (claim, saliency_claim):
+        check_output(claim, args.overwrite)
+        if saliency_claim is not None and saliency_path.exists() and not args.overwrite:
+            raise UsageError(f"--save-saliency {args.save_saliency} exists (pass --overwrite to replace it)")
+        return prune(args, model_id, recipe_path, num_samples, seq_len, claim, saliency_claim)
 
+
+def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int, claim, saliency_claim) -> dict:
+    """The checks that read the recipe, texts and config.json, then the work (outputs claimed)."""
     from ..modifier import UniPruningModifier  # imported before the recipe is parsed, which names it
     from ..device import PeakMemory, timed
     from ..evaluation import layer_sparsity, perplexity, total_sparsity
+    from ..saliency_file import SaliencyFileError
 
     device = select(args.device)
     recipe = load_recipe(recipe_path)
-    if saliency_path:
-        recipe = with_saved_saliency(recipe, saliency_path, recipe_path)
-    texts = {}
-    for flag, source in (("--dataset", dataset), ("--eval-text", eval_path)):
-        try:
-            texts[flag] = data.read_text(source)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"{flag}: {error}") from error
+    staged_saliency = saliency_claim.partial(".safetensors") if saliency_claim else None
+    if staged_saliency:
+        recipe = with_saved_saliency(recipe, str(staged_saliency), recipe_path)
+    tokenizer = load_tokenizer(model_id, args)
+    calibration, tokens = read_texts(args, tokenizer, num_samples, seq_len)
+    shapes = skeleton(model_id, args)
+    targets = check_fits(recipe.modifiers, shapes, f"--recipe {recipe_path}")
+    saved_dtype, _ = load_dtypes(model_id, args, device)
+    needs = [(claim.path, "--output", checkpoint_bytes(shapes, saved_dtype))]
+    if saliency_claim:
+        needs.append((saliency_claim.path, "--save-saliency", saliency_bytes(recipe, shapes, targets)))
+    check_free_space(needs)
 
     from llmcompressor import oneshot
 
-    model, tokenizer, saved_dtype = load_model(model_id, args, device)
-    calibration = data.calibration_dataset(tokenizer, texts["--dataset"], num_samples, seq_len, args.seed)
-    eval_tokens = data.token_stream(tokenizer, texts["--eval-text"])
-    if eval_tokens.numel() < args.eval_window:
-        raise UsageError(f"--eval-text {eval_path}: {eval_tokens.numel()} tokens, fewer than --eval-window {args.eval_window}")
-    pruners = [m for m in recipe.modifiers if isinstance(m, UniPruningModifier)]
-    try:
-        targets = sorted({name for m in pruners for name in m.resolve(model)[0]})
-    except ValueError as error:
-        raise UsageError(f"--recipe {recipe_path}: {error}") from error
-
+    model, saved_dtype = load_model(model_id, args, device)
     log("perplexity of the dense model")
-    ppl_dense = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)
+    ppl_dense = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
     with PeakMemory(device) as memory, timed(device) as clock:
-        model = oneshot(
-            model=model,
-            dataset=calibration,
-            recipe=recipe,
-            processor=tokenizer,
-            num_calibration_samples=len(calibration),
-            max_seq_length=seq_len,
-            pipeline="sequential",
-            shuffle_calibration_samples=False,  # windows are already drawn at random with --seed
-        )
+        try:
+            model = oneshot(
+                model=model,
+                dataset=calibration,
+                recipe=recipe,
+                processor=tokenizer,
+                num_calibration_samples=len(calibration),
+                max_seq_length=seq_len,
+                pipeline="sequential",
+                shuffle_calibration_samples=False,  # windows are already drawn at random with --seed
+            )
+        except SaliencyFileError as error:  # writing it failed
+            raise UsageError(f"--save-saliency {saliency_claim.path}: {error}; nothing was replaced") from None
     log("perplexity of the pruned model")
-    ppl_pruned = perplexity(model, eval_tokens, args.eval_window, args.eval_tokens, progress=True)
-    per_layer = layer_sparsity(model, targets)
-
-    checkpoint_mb = save_checkpoint(model, tokenizer, output, args.save_format, saved_dtype)
+    ppl_pruned = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
+    per_layer, sparsity = layer_sparsity(model, targets), total_sparsity(model, targets)
+    checkpoint_mb = save_checkpoint(model, tokenizer, claim, args.save_format, saved_dtype, args.trust_remote_code)
+    if staged_saliency:
+        saliency_claim.publish(staged_saliency)
     return {
         "model": str(model_id),
         "recipe": recipe_path,
-        "output": str(output),
-        "saliency": saliency_path,
+        "output": str(claim.path),
+        "saliency": str(saliency_claim.path) if saliency_claim else None,
         "device": str(device),
         "num_samples": len(calibration),
         "seq_len": seq_len,
-        "sparsity": total_sparsity(model, targets),
+        "sparsity": sparsity,
         "layer_sparsity": per_layer,
         "ppl_dense": ppl_dense,
         "ppl_pruned": ppl_pruned,

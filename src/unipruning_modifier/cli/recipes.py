@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import UsageError
 
-__all__ = ["BUILTIN_RECIPES", "builtin_names", "load_recipe", "resolve_recipe"]
+__all__ = ["BUILTIN_RECIPES", "builtin_names", "check_fits", "load_recipe", "resolve_recipe"]
 
 BUILTIN_RECIPES = resources.files("unipruning_modifier") / "recipes"
 
@@ -42,3 +42,44 @@ def load_recipe(path: str):
             "level in '_modifiers' (see recipes/uni_24.yaml)"
         )
     return recipe
+
+
+def check_fits(modifiers, model, flag: str) -> list[str]:
+    """The target layers of the UniPruningModifiers among ``modifiers``, after checking every
+    modifier against ``model``'s layer shapes (the meta-device skeleton is enough): N:M and
+    per-layer sparsity lists, and the group size of any quantization stage.
+    """
+    import torch
+    from compressed_tensors.quantization import QuantizationStrategy
+    from compressed_tensors.utils import match_named_modules
+
+    from ..modifier import UniPruningModifier
+
+    targets: set[str] = set()
+    for modifier in modifiers:
+        if isinstance(modifier, UniPruningModifier):
+            try:
+                targets.update(modifier.resolve(model)[0])
+            except ValueError as error:
+                raise UsageError(f"{flag}: {error}") from None
+        if not hasattr(modifier, "resolve_quantization_config") or getattr(modifier, "bypass_divisibility_checks", False):
+            continue
+        for scheme in modifier.resolve_quantization_config().config_groups.values():
+            weights = scheme.weights
+            if weights is None or weights.group_size is None or weights.strategy not in (
+                QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP
+            ):
+                continue
+            size = int(weights.group_size)
+            bad = [
+                f"{name} ({module.in_features} inputs)"
+                for name, module in match_named_modules(model, scheme.targets, modifier.ignore)
+                if isinstance(module, torch.nn.Linear) and module.in_features >= size and module.in_features % size
+            ]
+            if bad:
+                raise UsageError(
+                    f"{flag}: {type(modifier).__name__} quantizes weights in groups of {size} inputs, which does not "
+                    f"divide {len(bad)} layer(s) of this model: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                    "use a group size that divides them, or add them to that modifier's ignore"
+                )
+    return sorted(targets)

@@ -127,7 +127,11 @@ def task_specs(names: list[str], folder: Path) -> list[str | dict]:
             path = Path(name[len(TEXT_PREFIX):]).expanduser()
             if not path.is_file():
                 raise ValueError(f"task {name!r}: no such text file {path}")
-            specs.append(perplexity_task(f"text_{re.sub(r'[^A-Za-z0-9]+', '_', path.stem)}", path.read_text(encoding="utf-8"), folder))
+            try:
+                text = data.read_text(str(path))
+            except ValueError as error:
+                raise ValueError(f"task {name!r}: {error}") from None
+            specs.append(perplexity_task(f"text_{re.sub(r'[^A-Za-z0-9]+', '_', path.stem)}", text, folder))
         else:
             if known is None:
                 known = set(task_manager().all_tasks)
