@@ -8,8 +8,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 DEMO_DIR = resources.files("unipruning_modifier") / "demo"
 
 
@@ -61,6 +59,8 @@ def read_text(source: str, split: str = "train", text_column: str = "text") -> s
 
 def token_stream(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D tensor of token ids (no special tokens added)."""
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -70,6 +70,8 @@ def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, se
 
     Fewer windows are returned when the text is too short for ``num_samples``.
     """
+    import torch
+
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
     available = tokens.numel() // seq_len
@@ -83,6 +85,7 @@ def calibration_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, se
 def windows_dataset(windows: torch.Tensor):
     """A ``datasets.Dataset`` of token windows [count, seq_len], for ``oneshot``."""
     import datasets
+    import torch
 
     return datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
 

@@ -36,6 +36,8 @@ from llmcompressor.modifiers.gptq.helpers import (
 from llmcompressor.utils.metric_logging import CompressionLogger
 from loguru import logger
 
+from .registration import register
+
 __all__ = ["MaskedGPTQModifier", "quantize_weight_masked"]
 
 Compensation = Literal["kept", "all"]
@@ -164,3 +166,6 @@ class MaskedGPTQModifier(GPTQModifier):
                 stack.close()
                 update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)
                 self._num_compressed_modules += len(batch)
+
+
+register(MaskedGPTQModifier)

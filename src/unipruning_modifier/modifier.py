@@ -28,6 +28,7 @@ from .dense_stream import DenseStream, check_chain
 from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
 from .mask_fields import MaskSettings
 from .mask_policy import MaskPolicy
+from .registration import register
 from .saliency import Metric
 from .saliency_file import STORAGE_DTYPES, LayerSaliency, check_matches, load_saliency, model_fingerprint, read_metadata, save_saliency
 from .structure import structure_name
@@ -395,3 +396,6 @@ class UniPruningModifier(Modifier, MaskSettings):
             achieved = 1.0 - mask.sum().item() / mask.numel()
             steps = records[name].steps if not self._policy.needs_all_layers else None
             logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {steps} batches' if steps is not None else ''}")
+
+
+register(UniPruningModifier)

@@ -7,7 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import UsageError, add_model_options, positive, select
+from .common import HelpFormatter, UsageError, add_model_options, add_output_options, positive, select
 from .model_io import check_model_path, load_for_eval
 
 __all__ = ["add_parser", "print_summary", "run"]
@@ -15,10 +15,12 @@ __all__ = ["add_parser", "print_summary", "run"]
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "eval", help="zero-shot tasks and perplexity with lm-eval-harness",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "eval", help="zero-shot tasks and perplexity with lm-eval-harness", formatter_class=HelpFormatter,
+        description="Run lm-eval-harness tasks and local perplexity tasks on a checkpoint (sparse formats included).",
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder (sparse formats included) or hub id")
+    parser.add_argument(
+        "--model", required=True, metavar="PATH_OR_HUB_ID", help="checkpoint folder (sparse formats included) or hub id"
+    )
     parser.add_argument(
         "--tasks", required=True,
         help="comma-separated: lm-eval task names (wikitext, arc_easy, hellaswag, piqa, winogrande, boolq, rte, "
@@ -28,6 +30,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     parser.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
     add_model_options(parser)
+    add_output_options(parser)
     parser.set_defaults(run=run, report=print_summary)
 
 

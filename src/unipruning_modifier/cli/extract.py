@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import typing
 
-from .. import data
 from ..mask_fields import MaskSettings, field_help
-from .common import UsageError, add_model_options, log, positive, select
+from .common import HelpFormatter, UsageError, add_model_options, add_output_options, log, positive, select
 from .model_io import check_model_path, checkpoint_bytes, load_dtypes, load_model, load_tokenizer, save_checkpoint, skeleton
 from .outputs import check_free_space, check_output, claim_outputs, output_path
 from .prune import eval_tokens, print_layer_sparsity
@@ -40,19 +39,28 @@ def mask_options(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "extract", help="prune from a saliency file, without calibration",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "extract", help="prune from a saliency file, without calibration", formatter_class=HelpFormatter,
+        description="Prune a model from a saliency file written by unipruning prune --save-saliency, at any sparsity, "
+        "N:M pattern or allocation, without calibrating again.",
     )
-    parser.add_argument("--model", help="the model the saliency was calibrated on (default: the built-in demo model)")
+    parser.add_argument(
+        "--model", metavar="PATH_OR_HUB_ID", help="the model the saliency was calibrated on (default: the built-in demo model)"
+    )
     parser.add_argument("--saliency", required=True, metavar="FILE", help="file written by unipruning prune --save-saliency")
     mask_options(parser)
-    parser.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
+    parser.add_argument("--output", default="pruned-model", metavar="DIR", help="folder for the pruned checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--save-format", choices=("sparse", "dense"), default="sparse", help="as for prune")
-    parser.add_argument("--eval-text", help="text file for perplexity (default: built-in text)")
-    parser.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens (0: skip)")
+    parser.add_argument(
+        "--save-format", choices=("sparse", "dense"), default="sparse",
+        help="sparse: pruned layers as sparse-24-bitmask or sparse-bitmask; dense: zeros in dense tensors",
+    )
+    parser.add_argument("--eval-text", metavar="FILE", help="text file for perplexity (default: the built-in text)")
+    parser.add_argument("--eval-window", type=int, default=512, metavar="W", help="tokens per perplexity window")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=65536, metavar="T", help="at most this many evaluation tokens; 0 skips the evaluation"
+    )
     add_model_options(parser)
+    add_output_options(parser)
     parser.set_defaults(run=run, report=print_summary)
 
 
@@ -101,6 +109,8 @@ def check_structure(modifier, model, args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     """Validate everything and claim the output, then load, mask from the saliency file, measure, save."""
+    from .. import data
+
     demo = args.model is None
     model_id = data.demo_model_path() if demo else check_model_path(args.model, args.trust_remote_code)
     if args.eval_tokens:

@@ -20,7 +20,6 @@ import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ..checkpoint.files import partial_owner, partial_sibling
 from .common import UsageError, log
 
 __all__ = ["OutputClaim", "check_free_space", "check_output", "claim_outputs", "output_path"]
@@ -108,6 +107,8 @@ class OutputClaim:
 
     def _sweep(self) -> None:
         """Remove what dead runs left beside the output; put back an old output one moved aside."""
+        from ..checkpoint.files import partial_owner
+
         for entry in sorted(self.path.parent.iterdir()):
             pid = partial_owner(entry.name, self.path.name)
             if pid is None or _alive(pid):
@@ -121,6 +122,8 @@ class OutputClaim:
 
     def partial(self, suffix: str = "") -> Path:
         """A fresh staging path beside the output, removed when the claim ends unless published."""
+        from ..checkpoint.files import partial_sibling
+
         path = partial_sibling(self.path, suffix)
         self._partials.append(path)
         return path
@@ -135,6 +138,8 @@ class OutputClaim:
         elif _exchange(staged, self.path):
             _remove(staged)  # now the old output
         else:  # no atomic exchange here (e.g. NFS): a killed run is undone by the next claim's sweep
+            from ..checkpoint.files import partial_sibling
+
             aside = partial_sibling(self.path, _REPLACED)
             self.path.rename(aside)
             try:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import data
-from .common import UsageError, add_model_options, log, positive, select
+from .common import HelpFormatter, UsageError, add_model_options, add_output_options, log, positive, select
 from .model_io import (
     check_model_path,
     checkpoint_bytes,
@@ -24,29 +23,37 @@ __all__ = ["add_parser", "eval_tokens", "print_summary", "run"]
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "prune", help="prune a model with a recipe and save it", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "prune", help="prune a model with a recipe and save it", formatter_class=HelpFormatter,
+        description="Prune a model with a recipe, measure perplexity before and after, and save the sparse checkpoint.",
     )
-    parser.add_argument("--model", help="local folder or hub id (default: the built-in demo model)")
-    parser.add_argument("--recipe", default="uni_24", help="YAML file or built-in recipe name (unipruning recipes lists them)")
-    parser.add_argument("--dataset", help="calibration text file or HF dataset name[:config] (default: built-in text)")
-    parser.add_argument("--eval-text", help="held-out text file for perplexity (default: built-in text)")
-    parser.add_argument("--output", default="pruned-model", help="folder for the pruned checkpoint")
+    parser.add_argument("--model", metavar="PATH_OR_HUB_ID", help="local folder or hub id (default: the built-in demo model)")
+    parser.add_argument(
+        "--recipe", default="uni_24", metavar="FILE_OR_NAME",
+        help="YAML file or built-in recipe name; unipruning recipes lists them",
+    )
+    parser.add_argument(
+        "--dataset", metavar="TEXT_FILE_OR_HF_NAME",
+        help="calibration text file or Hugging Face dataset name[:config] (default: the built-in text)",
+    )
+    parser.add_argument("--eval-text", metavar="FILE", help="held-out text file for perplexity (default: the built-in text)")
+    parser.add_argument("--output", default="pruned-model", metavar="DIR", help="folder for the pruned checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace --output (and --save-saliency) if it exists")
     parser.add_argument(
         "--save-format", choices=("sparse", "dense"), default="sparse",
-        help="sparse: pruned layers as sparse-24-bitmask / sparse-bitmask; dense: zeros in dense tensors",
+        help="sparse: pruned layers as sparse-24-bitmask or sparse-bitmask; dense: zeros in dense tensors",
     )
-    parser.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128; demo 64)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 512; demo 256)")
-    parser.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="at most this many eval tokens")
+    parser.add_argument("--num-samples", type=int, metavar="N", help="calibration windows (default: 128; 64 for the demo model)")
+    parser.add_argument("--seq-len", type=int, metavar="L", help="tokens per window (default: 512; 256 for the demo model)")
+    parser.add_argument("--eval-window", type=int, default=512, metavar="W", help="tokens per perplexity window")
+    parser.add_argument("--eval-tokens", type=int, default=65536, metavar="T", help="at most this many evaluation tokens")
     add_model_options(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window choice")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the choice of calibration windows")
     parser.add_argument(
         "--save-saliency", metavar="FILE",
         help="also write the calibrated saliency to FILE (safetensors; calibrates every layer on dense inputs) "
         "for unipruning extract",
     )
+    add_output_options(parser)
     parser.set_defaults(run=run, report=print_summary)
 
 
@@ -69,6 +76,8 @@ def saliency_bytes(recipe, model, targets: list[str]) -> int:
 
 
 def read_text(flag: str, source: str) -> str:
+    from .. import data
+
     try:
         return data.read_text(source)
     except (OSError, ValueError) as error:
@@ -77,6 +86,8 @@ def read_text(flag: str, source: str) -> str:
 
 def eval_tokens(args: argparse.Namespace, tokenizer):
     """``--eval-text`` (default: the built-in text) as tokens, at least one ``--eval-window``."""
+    from .. import data
+
     source = args.eval_text or data.demo_eval_text()
     tokens = data.token_stream(tokenizer, read_text("--eval-text", source))
     if tokens.numel() < args.eval_window:
@@ -86,6 +97,8 @@ def eval_tokens(args: argparse.Namespace, tokenizer):
 
 def read_texts(args: argparse.Namespace, tokenizer, num_samples: int, seq_len: int):
     """(calibration windows of ``--dataset``, evaluation tokens), checked before the model loads."""
+    from .. import data
+
     source = args.dataset or data.demo_calibration_text()
     tokens = data.token_stream(tokenizer, read_text("--dataset", source))
     available = tokens.numel() // seq_len
@@ -123,12 +136,14 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
 
 def run(args: argparse.Namespace) -> dict:
     """Validate everything and claim the outputs, then load, measure, prune, measure, save."""
+    from .. import data
+
     demo = args.model is None
-    model_id = data.demo_model_path() if demo else check_model_path(args.model, args.trust_remote_code)
     num_samples = positive("--num-samples", (64 if demo else 128) if args.num_samples is None else args.num_samples)
     seq_len = positive("--seq-len", (256 if demo else 512) if args.seq_len is None else args.seq_len, 2)
     positive("--eval-window", args.eval_window, 2)
     positive("--eval-tokens", args.eval_tokens, args.eval_window)
+    model_id = data.demo_model_path() if demo else check_model_path(args.model, args.trust_remote_code)
     output = output_path(args.output)
     saliency_path = check_saliency_output(args.save_saliency) if args.save_saliency else None
     if saliency_path is not None and saliency_path.is_relative_to(output):

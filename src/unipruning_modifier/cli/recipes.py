@@ -1,13 +1,18 @@
-"""Recipes for ``--recipe``: a YAML file, or the name of one shipped in the package."""
+"""Recipes for ``--recipe``: a YAML file, or the name of one shipped in the package; and
+``unipruning recipes``, which lists the shipped ones."""
 
 from __future__ import annotations
 
+import argparse
 from importlib import resources
 from pathlib import Path
 
-from .common import UsageError
+from .common import HelpFormatter, UsageError, add_output_options
 
-__all__ = ["BUILTIN_RECIPES", "builtin_names", "check_fits", "load_recipe", "resolve_recipe"]
+__all__ = [
+    "BUILTIN_RECIPES", "add_parser", "builtin_names", "check_fits", "describe", "load_recipe", "print_summary", "resolve_recipe",
+    "run",
+]
 
 BUILTIN_RECIPES = resources.files("unipruning_modifier") / "recipes"
 
@@ -15,6 +20,38 @@ BUILTIN_RECIPES = resources.files("unipruning_modifier") / "recipes"
 def builtin_names() -> list[str]:
     """Names of the shipped recipes (``uni_24``, ``uni_unstructured_50``...)."""
     return sorted(p.name.removesuffix(".yaml") for p in BUILTIN_RECIPES.iterdir() if p.name.endswith(".yaml"))
+
+
+def describe(name: str) -> str:
+    """The first sentence of a shipped recipe's leading comment."""
+    text = (BUILTIN_RECIPES / f"{name}.yaml").read_text(encoding="utf-8")
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    sentence = " ".join(comment).split(". ")[0].strip()
+    return sentence.removesuffix(".") + "." if sentence else ""
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "recipes", help="list the built-in recipes (names for --recipe)", formatter_class=HelpFormatter,
+        description="List the recipes shipped in the package, one line each: the name to give to --recipe and what it does.",
+    )
+    add_output_options(parser)
+    parser.set_defaults(run=run, report=print_summary)
+
+
+def run(args: argparse.Namespace) -> dict:
+    return {"recipes": {name: describe(name) for name in builtin_names()}, "folder": str(BUILTIN_RECIPES)}
+
+
+def print_summary(result: dict) -> None:
+    width = max(len(name) for name in result["recipes"])
+    for name, description in result["recipes"].items():
+        print(f"{name:<{width}}  {description}")
+    print(f"(YAML files in {result['folder']}; unipruning prune --recipe NAME or --recipe FILE)")
 
 
 def resolve_recipe(value: str) -> str:
