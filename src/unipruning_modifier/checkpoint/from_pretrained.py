@@ -27,7 +27,7 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from transformers.utils import quantization_config as hf_config
 
 from .files import check_header, recorded_checksums, verify_tensor
-from .registry import SparseFormatError, get_codec
+from .registry import FORMATS, SparseFormatError, get_codec, standardize_format
 
 __all__ = ["CompressedTensorsConfig", "SparseCompressedTensorsHfQuantizer", "install"]
 
@@ -47,10 +47,11 @@ class CompressedTensorsConfig(hf_config.CompressedTensorsConfig):
     def __init__(self, *args, sparsity_config: dict | None = None, **kwargs):
         if sparsity_config is not None:
             format = sparsity_config.get("format") if isinstance(sparsity_config, dict) else None
-            try:
-                get_codec(format)
-            except SparseFormatError as error:
-                raise SparseFormatError(f"quantization_config.sparsity_config: {error}") from None
+            if not isinstance(format, str) or standardize_format(format) not in FORMATS:
+                raise SparseFormatError(
+                    f"quantization_config.sparsity_config: unknown sparse format {format!r} "
+                    f"(unipruning_modifier reads {sorted(FORMATS)})"
+                )
         self.sparsity_config = sparsity_config
         super().__init__(*args, **kwargs)
 
