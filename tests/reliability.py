@@ -44,8 +44,9 @@ def copy_model(source: str, folder: Path) -> Path:
     return folder
 
 
-def write_saliency(model_path: str, path: Path, targets=("Linear",), ignore=IGNORE, seed: int = 0) -> Path:
-    """A saliency file for the model at ``model_path`` with random Γ (no calibration needed)."""
+def write_saliency(model_path: str, path: Path, targets=("Linear",), ignore=IGNORE, seed: int = 0, version: int = 2) -> Path:
+    """A saliency file for the model at ``model_path`` with random Γ (no calibration needed);
+    ``version=1`` writes the former format (fp32 Γ, anchor mean, int32 first_step)."""
     from transformers import AutoModelForCausalLM
 
     from unipruning_modifier import UniPruningModifier
@@ -66,8 +67,23 @@ def write_saliency(model_path: str, path: Path, targets=("Linear",), ignore=IGNO
     calibration = {"metric": "stochastic_ria", "kappa": 0.1, "lam": 0.001, "beta": 0.2, "exponent": None, "seed": 0,
                    "targets": list(targets), "ignore": list(ignore), "calibration_inputs": "dense"}
     metadata = {"model": model_path, "fingerprint": model_fingerprint(modules), "calibration": calibration}
-    save_saliency(path, layers, metadata)
+    if version == 1:
+        write_v1_saliency(path, layers, metadata)
+    else:
+        save_saliency(path, layers, metadata)
     return path
+
+
+def write_v1_saliency(path: Path, layers: dict, metadata: dict) -> None:
+    """A version 1 saliency file, as unipruning_modifier wrote them before version 2."""
+    from unipruning_modifier.checkpoint.files import write_safetensors
+
+    tensors = {}
+    for name, layer in layers.items():
+        tensors.update({f"{name}.gamma": layer.gamma, f"{name}.anchor_mean": layer.anchor_mean, f"{name}.first_step": layer.first_step})
+    info = {"format": "unipruning-saliency", "version": 1, "dtype": "float32", **metadata,
+            "layers": {name: {"shape": list(layer.gamma.shape), "steps": layer.steps} for name, layer in layers.items()}}
+    write_safetensors(path, {k: v.contiguous() for k, v in tensors.items()}, {"unipruning": json.dumps(info)})
 
 
 def rewrite_safetensors(path: Path, edit_tensors=None, edit_metadata=None) -> None:

@@ -133,9 +133,8 @@ def extract(capsys, model, saliency_path, output, *flags):
     return cli(capsys, "extract", "--model", model, "--saliency", saliency_path, "--output", output, "--eval-tokens", "0", *flags)
 
 
-def test_nan_saliency_is_refused_naming_the_layer(capsys, tmp_path, tiny_model_path, saliency):
-    damaged = tmp_path / "nan.safetensors"
-    shutil.copy(saliency, damaged)
+def test_nan_saliency_is_refused_naming_the_layer(capsys, tmp_path, tiny_model_path):
+    damaged = write_saliency(tiny_model_path, tmp_path / "nan.safetensors", version=1)  # version 2 holds no values
 
     def nan_layer(tensors):
         tensors["model.layers.1.mlp.up_proj.gamma"] = torch.full_like(tensors["model.layers.1.mlp.up_proj.gamma"], float("nan"))
@@ -161,9 +160,9 @@ def _metadata(edit):
         (None, lambda m: m.update(unipruning="{not json"), ["--saliency", "metadata 'unipruning' is not JSON"]),
         (None, _metadata(lambda info: info["calibration"].pop("targets")), ["--saliency", "calibration.targets"]),
         (
-            lambda t: t.update({"model.layers.0.mlp.down_proj.gamma": torch.rand(128, 128)}),
+            lambda t: t.update({"model.layers.0.mlp.down_proj.rank": torch.zeros(100, dtype=torch.uint8)}),
             lambda m: m.pop("unipruning.crc32", None),
-            ["--saliency", "layer model.layers.0.mlp.down_proj: gamma has shape [128, 128], its metadata says [128, 256]"],
+            ["--saliency", "layer model.layers.0.mlp.down_proj: rank is torch.uint8 [100], expected torch.uint8 [32768] for shape [128, 256]"],
         ),
     ],
     ids=["metadata-not-json", "no-calibration-targets", "shape-differs-from-metadata"],

@@ -161,7 +161,7 @@ def test_damaged_shard_is_refused_naming_the_file(pruned, tmp_path, damage):
 
 def test_damaged_saliency_tensor_is_refused_naming_it(capsys, tmp_path, tiny_model_path):
     saliency = write_saliency(tiny_model_path, tmp_path / "s.safetensors")
-    name = "model.layers.0.self_attn.k_proj.gamma"
+    name = "model.layers.0.self_attn.k_proj.rank"
     begin, _ = span(saliency, name)
     patch_bytes(saliency, begin + 2, lambda b: b ^ 0x01)
     with pytest.raises(SaliencyFileError, match=f"tensor '{name}' fails its checksum"):

@@ -15,7 +15,17 @@ import torch
 
 from .admm import Budget
 from .mask_fields import MaskSettings
-from .masks import global_allocation, nm_mask, owl_sparsity, row_mask, saliency_keys, unstructured_mask
+from .masks import (
+    global_allocation,
+    histogram_allocation,
+    kept_count,
+    nm_mask,
+    owl_histogram_sparsity,
+    owl_sparsity,
+    row_mask,
+    saliency_keys,
+    unstructured_mask,
+)
 from .structure import kept_per_group
 
 __all__ = ["MaskPolicy", "decoder_layer_of"]
@@ -103,3 +113,23 @@ class MaskPolicy:
             return {name: unstructured_mask([x.float() for x in k], sparsity[name]) for name, k in keys.items()}
         keep = global_allocation({name: k[0] for name, k in keys.items()}, float(self.settings.sparsity), self.settings.clamp)
         return {name: unstructured_mask([x.float() for x in k], keep=keep[name]) for name, k in keys.items()}
+
+    def file_masks(self, encoded: Mapping) -> dict[str, torch.Tensor]:
+        """Keep-masks of every layer of a saliency file (name -> saliency_encoding.EncodedSaliency):
+        the same budgets as ``masks``; which weights fill them follows saliency_encoding.py."""
+        n, m = self.settings.nm
+        if m:
+            return {name: e.nm_mask(kept_per_group(n, m), m, self.settings.order) for name, e in encoded.items()}
+        if self.settings.allocation == "row":
+            return {name: e.row_mask(kept_count(e.shape[1], self.sparsity[name])) for name, e in encoded.items()}
+        if self.settings.allocation == "global":
+            histograms = {name: e.gamma_counts() for name, e in encoded.items()}
+            keep = histogram_allocation(histograms, float(self.settings.sparsity), self.settings.clamp)
+        else:
+            sparsity = self.sparsity
+            if self.settings.allocation == "owl":
+                s = self.settings
+                histograms = {name: e.anchor_counts() for name, e in encoded.items()}
+                sparsity = owl_histogram_sparsity(histograms, self.groups, float(s.sparsity), s.owl_lambda, s.owl_threshold)
+            keep = {name: kept_count(e.shape[0] * e.shape[1], sparsity[name]) for name, e in encoded.items()}
+        return {name: e.layer_mask(keep[name]) for name, e in encoded.items()}

@@ -123,20 +123,38 @@ def _bf16_bins(values: torch.Tensor) -> torch.Tensor:
 
 
 _BINS = 1 << 15  # non-negative bf16 patterns fit in 15 bits
+# code -> value (the NaN / inf codes never hold a finite saliency: 0, so that 0 counts stay 0)
+BF16_VALUES = torch.nan_to_num(torch.arange(_BINS, dtype=torch.int16).view(torch.bfloat16).to(torch.float64), 0.0, 0.0, 0.0)
+
+
+def bf16_histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts of |values| per bf16 code (int64 [2**15]): all that the global and OWL budgets
+    need of a layer (a saliency file stores it, saliency_encoding.py)."""
+    return torch.bincount(_bf16_bins(values.cpu()), minlength=_BINS)
 
 
 def global_allocation(
     scores: Mapping[str, torch.Tensor], sparsity: float, clamp: float | None = None
 ) -> dict[str, int]:
-    """Weights to keep per layer under one global threshold on |score|.
+    """Weights to keep per layer under one global threshold on |score| (``histogram_allocation``
+    of the layers' bf16 histograms)."""
+    return histogram_allocation({name: bf16_histogram(score) for name, score in scores.items()}, sparsity, clamp)
+
+
+def histogram_allocation(
+    histograms: Mapping[str, torch.Tensor], sparsity: float, clamp: float | None = None
+) -> dict[str, int]:
+    """Weights to keep per layer under one global threshold on the bf16 codes counted in
+    ``histograms`` (``bf16_histogram`` per layer).
 
     The total kept is exactly ceil((1-p) * total); each layer's sparsity is clamped to
-    [p - clamp, p + clamp] (within [0, 1]) so no layer collapses. The threshold is found on
-    bf16 histograms of |score| (exact counting, no sort of the whole model); ties at the
-    threshold value are shared out within the clamp limits.
+    [p - clamp, p + clamp] (within [0, 1]) so no layer collapses. The threshold is found on the
+    histograms (exact counting, no sort of the whole model); ties at the threshold value are
+    shared out within the clamp limits.
     """
-    names = list(scores)
-    sizes = torch.tensor([scores[n].numel() for n in names], dtype=torch.int64)
+    names = list(histograms)
+    counts = torch.stack([histograms[n] for n in names])
+    sizes = counts.sum(1)
     total = int(sizes.sum())
     target = kept_count(total, sparsity)
     width = 1.0 if clamp is None else clamp
@@ -146,7 +164,6 @@ def global_allocation(
         raise ValueError(f"clamp {clamp} makes a global sparsity of {sparsity} unreachable")
 
     # count_at_least[l, v] = weights of layer l whose bf16 code is >= v
-    counts = torch.stack([torch.bincount(_bf16_bins(scores[n].cpu()), minlength=_BINS) for n in names])
     at_least = counts.flip(1).cumsum(1).flip(1)
 
     def kept_at(code: int) -> torch.Tensor:
@@ -178,7 +195,21 @@ def owl_sparsity(
     lam: float = 0.08,
     threshold: float = 5.0,
 ) -> dict[str, float]:
-    """Outlier-weighted layer sparsities (OWL, Yin et al. 2024) from the mean anchors.
+    """Outlier-weighted layer sparsities (OWL) from the mean anchors (``owl_histogram_sparsity``
+    of their bf16 histograms)."""
+    histograms = {name: bf16_histogram(anchor) for name, anchor in anchors.items()}
+    return owl_histogram_sparsity(histograms, groups, sparsity, lam, threshold)
+
+
+def owl_histogram_sparsity(
+    histograms: Mapping[str, torch.Tensor],
+    groups: Mapping[str, str],
+    sparsity: float,
+    lam: float = 0.08,
+    threshold: float = 5.0,
+) -> dict[str, float]:
+    """Outlier-weighted layer sparsities (OWL, Yin et al. 2024) from the layers' histograms of
+    bf16 |mean anchor| (``bf16_histogram``).
 
     For every group (a decoder layer) the outlier ratio is the share of its weights whose mean
     anchor exceeds ``threshold`` times the group's mean anchor. The ratios are mapped linearly
@@ -187,12 +218,14 @@ def owl_sparsity(
     """
     if not 0.0 <= lam < 1.0:
         raise ValueError(f"owl lambda must be in [0, 1), got {lam}")
-    names = list(anchors)
+    names = list(histograms)
     order = list(dict.fromkeys(groups[n] for n in names))
     ratios = []
     for group in order:
-        values = torch.cat([anchors[n].reshape(-1).float() for n in names if groups[n] == group])
-        ratios.append(float((values > threshold * values.mean()).float().mean()))
+        counts = sum(histograms[n] for n in names if groups[n] == group).to(torch.float64)
+        total = counts.sum()
+        mean = (counts * BF16_VALUES).sum() / total
+        ratios.append(float(counts[BF16_VALUES > threshold * mean].sum() / total))
     ratio = torch.tensor(ratios, dtype=torch.float64)
     spread = float(ratio.max() - ratio.min())
     kept = (ratio - ratio.min()) * (2 * lam / spread) if spread > 0 else torch.zeros_like(ratio)

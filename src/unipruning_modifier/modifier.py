@@ -87,7 +87,9 @@ class UniPruningModifier(Modifier, MaskSettings):
     :param save_saliency: write every layer's saliency to this file at the end of calibration
         (implies calibration_inputs "dense").
     :param load_saliency: prune from a saliency file of this model instead of calibrating.
-    :param saliency_dtype: "float32" or "bfloat16" storage of the saved saliency.
+    :param saliency_dtype: "float32" or "bfloat16": the precision in which a dense calibration
+        holds every layer's saliency until the end (bfloat16 halves that memory; masks, and the
+        ranks a saved file keeps, then follow the bf16 values).
 
     Combinations that cannot work (e.g. dense_target without least_squares, or with allocation
     global) are refused when the recipe is parsed; the README's field table has the details.
@@ -236,7 +238,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             check_matches(info, list(self._targets), linear, self.load_saliency)
             records, _ = load_saliency(self.load_saliency, list(self._targets), info=info)
             logger.info(f"UniPruning: masks from {self.load_saliency} ({len(records)} layers), no calibration")
-            self._apply_masks(self._policy.masks(records), records)
+            self._apply_masks(self._policy.file_masks(records), records)
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -368,7 +370,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             "calibration": {key: getattr(self, key) for key in settings},
             "unipruning_modifier": __version__,
         }
-        save_saliency(self.save_saliency, self._waiting, metadata, self.saliency_dtype)
+        save_saliency(self.save_saliency, self._waiting, metadata)
         logger.info(f"UniPruning: saliency of {len(self._waiting)} layers written to {self.save_saliency}")
 
     def _apply_masks(self, masks: dict[str, torch.Tensor], records: dict[str, LayerSaliency]) -> None:

@@ -66,13 +66,12 @@ def check_saliency_output(value: str) -> Path:
     return path
 
 
-def saliency_bytes(recipe, model, targets: list[str]) -> int:
-    """Size of the saliency file: Γ and the anchor mean in the storage dtype, first_step int32."""
-    from ..saliency_file import STORAGE_DTYPES
+def saliency_bytes(model, targets: list[str]) -> int:
+    """An upper bound of the saliency file's size (saliency_file.estimated_bytes)."""
+    from ..saliency_file import estimated_bytes
 
-    modifier = next(m for m in recipe.modifiers if getattr(m, "save_saliency", None))
     modules = dict(model.named_modules())
-    return sum(modules[n].weight.numel() for n in targets) * (2 * STORAGE_DTYPES[modifier.saliency_dtype].itemsize + 4)
+    return estimated_bytes([tuple(modules[name].weight.shape) for name in targets])
 
 
 def read_text(flag: str, source: str) -> str:
@@ -175,7 +174,7 @@ def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int,
     saved_dtype, _ = load_dtypes(model_id, args, device)
     needs = [(claim.path, "--output", checkpoint_bytes(shapes, saved_dtype))]
     if saliency_claim:
-        needs.append((saliency_claim.path, "--save-saliency", saliency_bytes(recipe, shapes, targets)))
+        needs.append((saliency_claim.path, "--save-saliency", saliency_bytes(shapes, targets)))
     check_free_space(needs)
 
     from llmcompressor import oneshot
