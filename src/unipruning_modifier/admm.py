@@ -241,6 +241,27 @@ def _now(device: torch.device) -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+class Factor(NamedTuple):
+    """XᵀX made ready for any number of layers that read the same input (q/k/v share one)."""
+
+    hessian: torch.Tensor  # damped, unit diagonal (``normalize``)
+    scale: torch.Tensor  # its diagonal's square root: weights go to this scale as W * scale
+    eig: tuple[torch.Tensor, torch.Tensor]  # ``eigen(hessian)``
+    target: torch.Tensor | None  # the dense-target matrix in the same scale, or None (= hessian)
+
+
+def factorize(gram: torch.Tensor, damping: float = 0.01, cross: torch.Tensor | None = None) -> Factor:
+    """``normalize`` and ``eigen`` of the Gram matrix, and the target matrix when ``cross`` (C = XᵀD,
+    D the dense model's inputs) makes the target the dense model's output (damped like H)."""
+    gram = gram.float()
+    hessian, scale = normalize(gram, damping)
+    target = None
+    if cross is not None:
+        target = dampen_cross(gram, cross.to(gram.device, torch.float32), damping)
+        target.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
+    return Factor(hessian, scale, eigen(hessian), target)
+
+
 class AlpsResult(NamedTuple):
     weight: torch.Tensor  # fp32, pruned entries exactly 0
     mask: torch.Tensor  # bool, True = kept
@@ -249,6 +270,50 @@ class AlpsResult(NamedTuple):
     rho: float  # the final penalty
     seconds: dict  # {"factor", "admm", "pcg"}: wall seconds of each step (device synchronised)
     cpu_seconds: dict  # the same steps in process CPU seconds
+
+
+def solve(
+    weight: torch.Tensor,
+    factor: Factor,
+    budget: Budget,
+    rho: float = 0.1,
+    max_iterations: int = 300,
+    update_every: int = 3,
+    settle_after: int = 30,
+    tolerance: float = 3e-4,
+    pcg_iterations: int = 10,
+    pcg_tolerance: float = 1e-4,
+    initial_mask: torch.Tensor | None = None,
+    initial_weight: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> AlpsResult:
+    """``admm`` then ``pcg`` for one layer on a ``factorize``d XᵀX (see ``alps`` for the options);
+    seconds of the "admm" and "pcg" steps."""
+    device = weight.device
+    wall, cpu = {}, {}
+    clock = _now(device)
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = _now(device)
+        wall[step], cpu[step] = now[0] - clock[0], now[1] - clock[1]
+        clock = now
+
+    scale = factor.scale.to(device)
+    hessian = factor.hessian.to(device)
+    scaled = weight.float() * scale
+    rhs = scaled @ (hessian if factor.target is None else factor.target.to(device).T)
+    if initial_mask is not None:
+        initial_mask = initial_mask.to(device, torch.bool)
+    start = None if initial_weight is None else initial_weight.to(device, torch.float32) * scale
+    eig = tuple(t.to(device) for t in factor.eig)
+    found = admm(scaled, hessian, budget, eig, rhs, rho, max_iterations, update_every, settle_after, tolerance,
+                 initial_mask, start, scores)
+    lap("admm")
+    solution, refits = pcg(hessian, rhs, found.mask, found.weight, pcg_iterations, pcg_tolerance)
+    solution = (solution / scale) * found.mask
+    lap("pcg")
+    return AlpsResult(solution, found.mask, found.iterations, refits, found.rho, wall, cpu)
 
 
 def alps(
@@ -268,7 +333,7 @@ def alps(
     scores: torch.Tensor | None = None,
     cross: torch.Tensor | None = None,
 ) -> AlpsResult:
-    """Prune one layer with ALPS: ``normalize``, ``eigen``, ``admm``, ``pcg`` (see the module).
+    """Prune one layer with ALPS: ``factorize`` (``normalize``, ``eigen``), ``admm``, ``pcg``.
 
     The defaults are ALPS's (damping 0.01, rho 0.1, at most 300 iterations, rho updated every 3,
     settled below 3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
@@ -278,37 +343,10 @@ def alps(
     whose right-hand side is W0 C^T in place of W0 H, in ADMM and PCG alike.
     """
     device = weight.device
-    wall, cpu = {}, {}
-    clock = _now(device)
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = _now(device)
-        wall[step], cpu[step] = now[0] - clock[0], now[1] - clock[1]
-        clock = now
-
-    gram = gram.to(device, torch.float32)
-    hessian, scale = normalize(gram, damping)
-    scaled = weight.float() * scale
-    if cross is None:
-        rhs = scaled @ hessian
-    else:
-        target = dampen_cross(gram, cross.to(device, torch.float32), damping)
-        rhs = scaled @ (target / scale.unsqueeze(0) / scale.unsqueeze(1)).T
-        del target
-    del gram
-    eig = eigen(hessian)
-    lap("factor")
-
-    if initial_mask is not None:
-        initial_mask = initial_mask.to(device, torch.bool)
-    start = None if initial_weight is None else initial_weight.to(device, torch.float32) * scale
-    found = admm(scaled, hessian, budget, eig, rhs, rho, max_iterations, update_every, settle_after, tolerance,
-                 initial_mask, start, scores)
-    del eig
-    lap("admm")
-
-    solution, refits = pcg(hessian, rhs, found.mask, found.weight, pcg_iterations, pcg_tolerance)
-    solution = (solution / scale) * found.mask
-    lap("pcg")
-    return AlpsResult(solution, found.mask, found.iterations, refits, found.rho, wall, cpu)
+    start = _now(device)
+    factor = factorize(gram.to(device), damping, cross)
+    done = _now(device)
+    result = solve(weight, factor, budget, rho, max_iterations, update_every, settle_after, tolerance, pcg_iterations,
+                   pcg_tolerance, initial_mask, initial_weight, scores)
+    result.seconds["factor"], result.cpu_seconds["factor"] = done[0] - start[0], done[1] - start[1]
+    return result
