@@ -8,15 +8,15 @@ checkpoints come from the compress environment, e.g. for the 2:4 rows of docs/se
     python benchmarks/serve.py --model dense=../shared/models/uni-tiny-28m \\
         --model pruned-dense=out/28m-24-dense --model sparse=out/28m-24 --out serve.jsonl
 
-Each model is measured in a fresh process with the engine in that process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its peak RSS (and, on a GPU, peak allocated device
-memory) is the engine's own; ``--rounds`` repeats the sequence of models and the best value of
-each metric is kept, against the noise of a shared machine. One JSON line per model and round:
+Each model is measured in a fresh process, with vLLM's engine in its own child process as
+users run it; ``--rounds`` repeats the sequence of models and the best value of each metric is
+kept, against the noise of a shared machine. One JSON line per model and round:
 ``engine_start_s`` (``vllm.LLM(...)``, after import), ``ttft_s`` (median latency of one
 ``--prompt-len``-token prompt to its first token), ``tok_s_b{B}`` (generated tokens per second
 for a batch of B distinct prompts, ``--new-tokens`` each, EOS ignored, best of ``--repeats``),
-``peak_rss_mb``, ``device_peak_mb``, and the plugin's per-layer paths. A table of the best
-values goes to stderr. On a GPU the plugin picks cuSPARSELt per layer where it measured faster
+``engine_peak_rss_mb`` (the engine process, read after it exits), ``model_load_gib`` (vLLM's
+own "Model loading took" figure, GPU only), and the plugin's per-layer paths. A table of the
+best values goes to stderr. On a GPU the plugin picks cuSPARSELt per layer where it measured faster
 (``UNIPRUNING_SPARSE_KERNEL=auto|off|always`` is passed through); on a CPU it serves dense.
 """
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -69,13 +70,30 @@ def prompts(tokenizer, count: int, length: int) -> list[dict]:
 
 
 def measure(label: str, path: str, args: argparse.Namespace) -> dict:
-    """One model in this process: engine start, TTFT, throughput per batch size, peak memory."""
-    import torch
-    from vllm import LLM, SamplingParams
+    """One model: engine start, TTFT, throughput per batch size, the engine's peak RSS."""
+    from vllm import LLM
 
     start = time.perf_counter()
-    llm = LLM(model=path, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len, seed=0)
+    llm = LLM(
+        model=path,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=False,  # repeated prompts must be prefilled again, every time
+        seed=0,
+    )
     result = {"label": label, "model": path, "engine_start_s": time.perf_counter() - start}
+    try:
+        run_requests(llm, args, result)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # joins the engine process: its peak RSS is then readable
+    result["engine_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def run_requests(llm, args: argparse.Namespace, result: dict) -> None:
+    from vllm import SamplingParams
+
     windows = prompts(llm.get_tokenizer(), max(args.batch) + 1, args.prompt_len)
     first = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate(windows[-1:], first, use_tqdm=False)  # warm-up
@@ -95,9 +113,6 @@ def measure(label: str, path: str, args: argparse.Namespace) -> dict:
             seconds = time.perf_counter() - begin
             best = max(best, sum(len(o.outputs[0].token_ids) for o in outs) / seconds)
         result[f"tok_s_b{batch}"] = best
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return result
 
 
 def cpu_name() -> str:
@@ -131,8 +146,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(label: str, path: str, argv: list[str]) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the same for every model
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}  # GiB of KV cache on a CPU, the same for every model
     proc = subprocess.run(
         [sys.executable, __file__, *argv, "--worker", label, path], capture_output=True, text=True, env=env
     )
@@ -140,13 +154,15 @@ def run_worker(label: str, path: str, argv: list[str]) -> dict:
     if proc.returncode or not lines:
         raise RuntimeError(f"{label} ({path}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT ") :])
+    loaded = re.findall(r"Model loading took ([0-9.]+) GiB", proc.stdout + proc.stderr)
+    result["model_load_gib"] = float(loaded[-1]) if loaded else None
     result["plugin_paths"] = sorted({line.split("]: ", 1)[1] for line in proc.stdout.splitlines() if "unipruning-sparse " in line and "]: " in line})
     return result
 
 
 def table(results: list[dict], batches: list[int]) -> str:
     """Best value per model and metric, and each model's ratio to the first model."""
-    metrics = ["engine_start_s", "ttft_s", *[f"tok_s_b{b}" for b in batches], "peak_rss_mb"]
+    metrics = ["engine_start_s", "ttft_s", *[f"tok_s_b{b}" for b in batches], "engine_peak_rss_mb"]
     higher_is_better = {m for m in metrics if m.startswith("tok_s")}
     best: dict[str, dict] = {}
     for r in results:
