@@ -14,7 +14,8 @@ kept, against the noise of a shared machine. One JSON line per model and round:
 ``engine_start_s`` (``vllm.LLM(...)``, after import), ``ttft_s`` (median latency of one
 ``--prompt-len``-token prompt to its first token), ``tok_s_b{B}`` (generated tokens per second
 for a batch of B distinct prompts, ``--new-tokens`` each, EOS ignored, best of ``--repeats``),
-``engine_peak_rss_mb`` (the engine process, read after it exits), ``model_load_gib`` (vLLM's
+``peak_rss_mb`` (peak RSS of this process plus the engine's, each process's ``VmHWM``, read
+before the engine stops), ``model_load_gib`` (vLLM's
 own "Model loading took" figure, GPU only), and the plugin's per-layer paths. A table of the
 best values goes to stderr. On a GPU the plugin picks cuSPARSELt per layer where it measured faster
 (``UNIPRUNING_SPARSE_KERNEL=auto|off|always`` is passed through); on a CPU it serves dense.
@@ -27,7 +28,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -85,10 +85,21 @@ def measure(label: str, path: str, args: argparse.Namespace) -> dict:
     result = {"label": label, "model": path, "engine_start_s": time.perf_counter() - start}
     try:
         run_requests(llm, args, result)
+        result["peak_rss_mb"] = peak_rss_mb()
     finally:
-        llm.llm_engine.engine_core.shutdown()  # joins the engine process: its peak RSS is then readable
-    result["engine_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        llm.llm_engine.engine_core.shutdown()
     return result
+
+
+def peak_rss_mb() -> float:
+    """Sum of the peak RSS (``VmHWM``) of this process and its descendants (the engine, workers)."""
+    import psutil  # a vLLM requirement
+
+    total = 0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        total += int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1))
+    return total / 1024
 
 
 def run_requests(llm, args: argparse.Namespace, result: dict) -> None:
@@ -162,7 +173,7 @@ def run_worker(label: str, path: str, argv: list[str]) -> dict:
 
 def table(results: list[dict], batches: list[int]) -> str:
     """Best value per model and metric, and each model's ratio to the first model."""
-    metrics = ["engine_start_s", "ttft_s", *[f"tok_s_b{b}" for b in batches], "engine_peak_rss_mb"]
+    metrics = ["engine_start_s", "ttft_s", *[f"tok_s_b{b}" for b in batches], "peak_rss_mb"]
     higher_is_better = {m for m in metrics if m.startswith("tok_s")}
     best: dict[str, dict] = {}
     for r in results:
