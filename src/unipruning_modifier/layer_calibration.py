@@ -55,8 +55,8 @@ class RefitSettings:
     iterations: int | None
     tolerance: float
     dense_target: float
-    admm_iterations: int = 20
-    admm_rho: float = 0.3
+    admm_iterations: int
+    admm_rho: float
 
 
 class InputStatistics:

@@ -108,7 +108,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     seed: int = 0
     reconstruct: Literal["none", "least_squares", "admm"] = "none"
     admm_iterations: int = Field(default=20, ge=1)
-    admm_rho: float = Field(default=0.3, gt=0)
+    admm_rho: float = Field(default=0.1, gt=0)
     damping: float = Field(default=0.01, ge=0)
     reconstruct_iterations: int | None = Field(default=None, ge=1)
     reconstruct_tolerance: float = Field(default=3e-3, gt=0, lt=1)
