@@ -31,7 +31,7 @@ import torch
 
 from .device import synchronize
 from .masks import kept_count, nm_mask, row_mask, unstructured_mask
-from .reconstruction import dampen, dampen_cross
+from .reconstruction import conjugate_gradients, dampen, dampen_cross
 from .structure import parse_mask_structure
 
 RHO_CAP = 1e6  # ALPS caps the penalty there
@@ -208,31 +208,15 @@ def pcg(
     tolerance: float = 1e-4,
 ) -> tuple[torch.Tensor, int]:
     """For every row r, solve W_r,K H_KK = rhs_r,K with W_r,P = 0 (K: the row's kept inputs in
-    ``mask``) by conjugate gradients with a Jacobi preconditioner, all rows at once, from
-    ``start``. One (out x in) @ (in x in) product per iteration; stops when every row's residual
-    is below ``tolerance`` times its norm of ``rhs``. Returns (solution, iterations)."""
+    ``mask``) by conjugate gradients with a Jacobi preconditioner (reconstruction.py), all rows
+    at once, from ``start``; stops when every row's residual is below ``tolerance`` times its
+    norm of ``rhs``. Returns (solution, iterations)."""
     keep = mask.to(start.device, torch.float32)
     gram = gram.to(start.device, torch.float32)
-    inverse_diagonal = 1.0 / gram.diagonal()
     solution = start.float() * keep
     residual = (rhs.float() - solution @ gram) * keep
     limit = tolerance * rhs.float().norm(dim=1, keepdim=True)
-    preconditioned = residual * inverse_diagonal
-    direction = preconditioned.clone()
-    rz = (residual * preconditioned).sum(dim=1, keepdim=True)
-    iteration = 0
-    while iteration < max_iterations and not bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
-        iteration += 1
-        product = (direction @ gram) * keep
-        curvature = (direction * product).sum(dim=1, keepdim=True)
-        step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
-        solution.addcmul_(step, direction)
-        residual.addcmul_(step, product, value=-1)
-        preconditioned = residual * inverse_diagonal
-        rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
-        direction.mul_(torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), torch.zeros_like(rz))).add_(preconditioned)
-        rz = rz_next
-    return solution, iteration
+    return conjugate_gradients(gram, keep, solution, residual, limit, max_iterations)
 
 
 def _now(device: torch.device) -> tuple[float, float]:
@@ -287,8 +271,13 @@ def solve(
     initial_weight: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
 ) -> AlpsResult:
-    """``admm`` then ``pcg`` for one layer on a ``factorize``d XᵀX (see ``alps`` for the options);
-    seconds of the "admm" and "pcg" steps."""
+    """``admm`` then ``pcg`` for one layer on a ``factorize``d XᵀX; seconds of both steps.
+
+    The defaults are ALPS's (rho 0.1, at most 300 iterations, rho updated every 3, settled below
+    3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
+    ``initial_weight`` (original scale) replace the magnitude start, ``scores`` break ties in
+    the projections (see ``admm``).
+    """
     device = weight.device
     wall, cpu = {}, {}
     clock = _now(device)
@@ -321,32 +310,20 @@ def alps(
     gram: torch.Tensor,
     budget: Budget,
     damping: float = 0.01,
-    rho: float = 0.1,
-    max_iterations: int = 300,
-    update_every: int = 3,
-    settle_after: int = 30,
-    tolerance: float = 3e-4,
-    pcg_iterations: int = 10,
-    pcg_tolerance: float = 1e-4,
-    initial_mask: torch.Tensor | None = None,
-    initial_weight: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
     cross: torch.Tensor | None = None,
+    **options,
 ) -> AlpsResult:
-    """Prune one layer with ALPS: ``factorize`` (``normalize``, ``eigen``), ``admm``, ``pcg``.
+    """Prune one layer with ALPS: ``factorize`` (``normalize``, ``eigen``), then ``solve``
+    (``admm``, ``pcg``; ``options`` are its keywords, defaults ALPS's).
 
-    The defaults are ALPS's (damping 0.01, rho 0.1, at most 300 iterations, rho updated every 3,
-    settled below 3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
-    ``initial_weight`` (original scale) replace the magnitude start, ``scores`` break ties in the
-    projections (see ``admm``). ``cross`` (C = X^T D, D the dense model's inputs of the same
-    tokens, damped like H) makes the target the dense model's output: min ||W0 D^T - W X^T||^2,
-    whose right-hand side is W0 C^T in place of W0 H, in ADMM and PCG alike.
+    ``cross`` (C = X^T D, D the dense model's inputs of the same tokens, damped like H) makes the
+    target the dense model's output: min ||W0 D^T - W X^T||^2, whose right-hand side is W0 C^T in
+    place of W0 H, in ADMM and PCG alike.
     """
     device = weight.device
     start = _now(device)
     factor = factorize(gram.to(device), damping, cross)
     done = _now(device)
-    result = solve(weight, factor, budget, rho, max_iterations, update_every, settle_after, tolerance, pcg_iterations,
-                   pcg_tolerance, initial_mask, initial_weight, scores)
+    result = solve(weight, factor, budget, **options)
     result.seconds["factor"], result.cpu_seconds["factor"] = done[0] - start[0], done[1] - start[1]
     return result
