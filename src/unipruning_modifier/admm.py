@@ -31,7 +31,7 @@ import torch
 
 from .device import synchronize
 from .masks import kept_count, nm_mask, row_mask, unstructured_mask
-from .reconstruction import dampen, dampen_cross
+from .reconstruction import conjugate_gradients, dampen, dampen_cross
 from .structure import parse_mask_structure
 
 RHO_CAP = 1e6  # ALPS caps the penalty there
@@ -208,37 +208,42 @@ def pcg(
     tolerance: float = 1e-4,
 ) -> tuple[torch.Tensor, int]:
     """For every row r, solve W_r,K H_KK = rhs_r,K with W_r,P = 0 (K: the row's kept inputs in
-    ``mask``) by conjugate gradients with a Jacobi preconditioner, all rows at once, from
-    ``start``. One (out x in) @ (in x in) product per iteration; stops when every row's residual
-    is below ``tolerance`` times its norm of ``rhs``. Returns (solution, iterations)."""
+    ``mask``) by conjugate gradients with a Jacobi preconditioner (reconstruction.py), all rows
+    at once, from ``start``; stops when every row's residual is below ``tolerance`` times its
+    norm of ``rhs``. Returns (solution, iterations)."""
     keep = mask.to(start.device, torch.float32)
     gram = gram.to(start.device, torch.float32)
-    inverse_diagonal = 1.0 / gram.diagonal()
     solution = start.float() * keep
     residual = (rhs.float() - solution @ gram) * keep
     limit = tolerance * rhs.float().norm(dim=1, keepdim=True)
-    preconditioned = residual * inverse_diagonal
-    direction = preconditioned.clone()
-    rz = (residual * preconditioned).sum(dim=1, keepdim=True)
-    iteration = 0
-    while iteration < max_iterations and not bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
-        iteration += 1
-        product = (direction @ gram) * keep
-        curvature = (direction * product).sum(dim=1, keepdim=True)
-        step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
-        solution.addcmul_(step, direction)
-        residual.addcmul_(step, product, value=-1)
-        preconditioned = residual * inverse_diagonal
-        rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
-        direction.mul_(torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), torch.zeros_like(rz))).add_(preconditioned)
-        rz = rz_next
-    return solution, iteration
+    return conjugate_gradients(gram, keep, solution, residual, limit, max_iterations)
 
 
 def _now(device: torch.device) -> tuple[float, float]:
     """(wall, process CPU) seconds, the device synchronised first."""
     synchronize(device)
     return time.perf_counter(), time.process_time()
+
+
+class Factor(NamedTuple):
+    """XᵀX made ready for any number of layers that read the same input (q/k/v share one)."""
+
+    hessian: torch.Tensor  # damped, unit diagonal (``normalize``)
+    scale: torch.Tensor  # its diagonal's square root: weights go to this scale as W * scale
+    eig: tuple[torch.Tensor, torch.Tensor]  # ``eigen(hessian)``
+    target: torch.Tensor | None  # the dense-target matrix in the same scale, or None (= hessian)
+
+
+def factorize(gram: torch.Tensor, damping: float = 0.01, cross: torch.Tensor | None = None) -> Factor:
+    """``normalize`` and ``eigen`` of the Gram matrix, and the target matrix when ``cross`` (C = XᵀD,
+    D the dense model's inputs) makes the target the dense model's output (damped like H)."""
+    gram = gram.float()
+    hessian, scale = normalize(gram, damping)
+    target = None
+    if cross is not None:
+        target = dampen_cross(gram, cross.to(gram.device, torch.float32), damping)
+        target.div_(scale.unsqueeze(0)).div_(scale.unsqueeze(1))
+    return Factor(hessian, scale, eigen(hessian), target)
 
 
 class AlpsResult(NamedTuple):
@@ -251,11 +256,10 @@ class AlpsResult(NamedTuple):
     cpu_seconds: dict  # the same steps in process CPU seconds
 
 
-def alps(
+def solve(
     weight: torch.Tensor,
-    gram: torch.Tensor,
+    factor: Factor,
     budget: Budget,
-    damping: float = 0.01,
     rho: float = 0.1,
     max_iterations: int = 300,
     update_every: int = 3,
@@ -266,16 +270,13 @@ def alps(
     initial_mask: torch.Tensor | None = None,
     initial_weight: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
-    cross: torch.Tensor | None = None,
 ) -> AlpsResult:
-    """Prune one layer with ALPS: ``normalize``, ``eigen``, ``admm``, ``pcg`` (see the module).
+    """``admm`` then ``pcg`` for one layer on a ``factorize``d XᵀX; seconds of both steps.
 
-    The defaults are ALPS's (damping 0.01, rho 0.1, at most 300 iterations, rho updated every 3,
-    settled below 3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
-    ``initial_weight`` (original scale) replace the magnitude start, ``scores`` break ties in the
-    projections (see ``admm``). ``cross`` (C = X^T D, D the dense model's inputs of the same
-    tokens, damped like H) makes the target the dense model's output: min ||W0 D^T - W X^T||^2,
-    whose right-hand side is W0 C^T in place of W0 H, in ADMM and PCG alike.
+    The defaults are ALPS's (rho 0.1, at most 300 iterations, rho updated every 3, settled below
+    3e-4 x kept changes after 30, 10 PCG iterations to 1e-4). ``initial_mask`` /
+    ``initial_weight`` (original scale) replace the magnitude start, ``scores`` break ties in
+    the projections (see ``admm``).
     """
     device = weight.device
     wall, cpu = {}, {}
@@ -287,28 +288,42 @@ def alps(
         wall[step], cpu[step] = now[0] - clock[0], now[1] - clock[1]
         clock = now
 
-    gram = gram.to(device, torch.float32)
-    hessian, scale = normalize(gram, damping)
+    scale = factor.scale.to(device)
+    hessian = factor.hessian.to(device)
     scaled = weight.float() * scale
-    if cross is None:
-        rhs = scaled @ hessian
-    else:
-        target = dampen_cross(gram, cross.to(device, torch.float32), damping)
-        rhs = scaled @ (target / scale.unsqueeze(0) / scale.unsqueeze(1)).T
-        del target
-    del gram
-    eig = eigen(hessian)
-    lap("factor")
-
+    rhs = scaled @ (hessian if factor.target is None else factor.target.to(device).T)
     if initial_mask is not None:
         initial_mask = initial_mask.to(device, torch.bool)
     start = None if initial_weight is None else initial_weight.to(device, torch.float32) * scale
+    eig = tuple(t.to(device) for t in factor.eig)
     found = admm(scaled, hessian, budget, eig, rhs, rho, max_iterations, update_every, settle_after, tolerance,
                  initial_mask, start, scores)
-    del eig
     lap("admm")
-
     solution, refits = pcg(hessian, rhs, found.mask, found.weight, pcg_iterations, pcg_tolerance)
     solution = (solution / scale) * found.mask
     lap("pcg")
     return AlpsResult(solution, found.mask, found.iterations, refits, found.rho, wall, cpu)
+
+
+def alps(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    budget: Budget,
+    damping: float = 0.01,
+    cross: torch.Tensor | None = None,
+    **options,
+) -> AlpsResult:
+    """Prune one layer with ALPS: ``factorize`` (``normalize``, ``eigen``), then ``solve``
+    (``admm``, ``pcg``; ``options`` are its keywords, defaults ALPS's).
+
+    ``cross`` (C = X^T D, D the dense model's inputs of the same tokens, damped like H) makes the
+    target the dense model's output: min ||W0 D^T - W X^T||^2, whose right-hand side is W0 C^T in
+    place of W0 H, in ADMM and PCG alike.
+    """
+    device = weight.device
+    start = _now(device)
+    factor = factorize(gram.to(device), damping, cross)
+    done = _now(device)
+    result = solve(weight, factor, budget, **options)
+    result.seconds["factor"], result.cpu_seconds["factor"] = done[0] - start[0], done[1] - start[1]
+    return result

@@ -38,9 +38,10 @@ def check_chain(layers: list[str]) -> None:
 class DenseStream:
     """Dense hidden states per (decoder layer, batch), offloaded between layers."""
 
-    def __init__(self, layers: int, offload_device: torch.device | str = "cpu"):
+    def __init__(self, layers: int, offload_device: torch.device | str = "cpu", every: int = 1):
         self._count = layers
         self._offload = torch.device(offload_device)
+        self._every = every
         self._inputs: dict[int, dict[int, torch.Tensor]] = {}
         self._batches: dict[int, int] = {}
 
@@ -49,9 +50,12 @@ class DenseStream:
     ) -> dict[str, torch.Tensor]:
         """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the batch
         whose pruned input is in ``args``/``kwargs``; the inputs of ``linears`` (module -> name)
-        during that run, by name. The caller keeps other hooks from seeing the run."""
+        during that run, by name. Only every ``every``-th batch runs (the others return {}). The
+        caller keeps other hooks from seeing the run."""
         batch = self._batches.get(layer, 0)
         self._batches[layer] = batch + 1
+        if batch % self._every:
+            return {}
         positional = len(args) > 0
         pruned = args[0] if positional else kwargs["hidden_states"]
         if layer == 0:

@@ -4,7 +4,7 @@ A ``LayerCalibration`` is made at the layer's first calibration batch, on that b
 Per batch it takes the layer's inputs (and, with ``dense_target``, the dense model's inputs of
 the same tokens; with ``block_feedback``, a factor for the anchor): one mirror-descent step of
 the saliency (mirror_descent.py, anchored by saliency.py) and, for the re-fit, running means of
-the Gram matrix XᵀX and the cross matrix XᵀD (reconstruction.py). Linears that read the same
+the Gram matrix XᵀX and the drift matrix Xᵀ(D − X) (reconstruction.py). Linears that read the same
 input tensor (q/k/v, gate/up) share one ``InputStatistics``, so each distinct input's Gram
 matrices are computed and held once. ``finish`` reduces all of it across data-parallel ranks and
 returns the saliency record a mask is taken from; ``refit`` re-fits the kept weights once the
@@ -18,13 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .admm import Budget, alps
+from .admm import Budget, Factor, factorize, solve
 from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
 from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
 from .saliency_file import LayerSaliency
 
 __all__ = ["CalibrationSettings", "InputStatistics", "LayerCalibration", "RefitSettings"]
+
+# rho of the ADMM re-fit is raised every this many iterations (ALPS: 3; 2 reached a lower error in
+# 20 iterations on uni-tiny-28m's layers, docs/benchmarks.md)
+ADMM_UPDATE_EVERY = 2
 
 
 @dataclass(frozen=True)
@@ -51,35 +55,55 @@ class RefitSettings:
     iterations: int | None
     tolerance: float
     dense_target: float
-    admm_iterations: int = 20
-    admm_rho: float = 0.3
+    admm_iterations: int
+    admm_rho: float
 
 
 class InputStatistics:
-    """Running means of XᵀX and XᵀD over the batches of one input, for every Linear that reads it."""
+    """Running means over the batches of one input, for every Linear that reads it: XᵀX, and with
+    the dense model's inputs D of the same tokens the drift Xᵀ(D − X), which moves the re-fit's
+    target towards the dense model's outputs (XᵀD = XᵀX + drift, without the cancellation of
+    subtracting two separate means, and exact when the dense stream skips batches)."""
 
     def __init__(self):
         self.gram: torch.Tensor | None = None
-        self.cross: torch.Tensor | None = None
+        self.drift: torch.Tensor | None = None
         self.tokens = 0
+        self.drift_tokens = 0  # fewer than tokens when the dense stream skips batches
         self.batches = 0
         self.reduced = False
+        self._factor: Factor | None = None
 
     def accumulate(self, batch: int, inputs: torch.Tensor, dense: torch.Tensor | None) -> None:
         """Batch ``batch``'s inputs (and dense inputs), once however many Linears pass them."""
         if batch < self.batches:
             return
         if dense is not None:
-            self.cross, _ = accumulate_gram(inputs, self.cross, self.tokens, paired=dense)
+            drift = dense.to(inputs.device, torch.float32) - inputs.float()
+            self.drift, self.drift_tokens = accumulate_gram(inputs, self.drift, self.drift_tokens, paired=drift)
         self.gram, self.tokens = accumulate_gram(inputs, self.gram, self.tokens)
         self.batches += 1
+
+    def target(self, dense_target: float, device: torch.device) -> torch.Tensor | None:
+        """XᵀX + dense_target · drift: the re-fit's right-hand side matrix (None without a drift)."""
+        if self.drift is None:
+            return None
+        return torch.add(self.gram.to(device), self.drift.to(device), alpha=dense_target)
+
+    def factor(self, damping: float, dense_target: float, device: torch.device) -> Factor:
+        """``admm.factorize`` of XᵀX (and of the dense-target blend) on ``device``, once for every
+        Linear reading this input."""
+        if self._factor is None:
+            gram = self.gram.to(device)
+            self._factor = factorize(gram, damping, self.target(dense_target, device))
+        return self._factor
 
     def reduce(self) -> None:
         """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish)."""
         if self.reduced:
             return
-        if self.cross is not None:
-            self.cross, _ = all_reduce_gram(self.cross, self.tokens)
+        if self.drift is not None:
+            self.drift, self.drift_tokens = all_reduce_gram(self.drift, self.drift_tokens)
         if self.gram is not None:
             self.gram, self.tokens = all_reduce_gram(self.gram, self.tokens)
         self.reduced = True
@@ -109,8 +133,8 @@ class LayerCalibration:
         return None if self.statistics is None else self.statistics.gram
 
     @property
-    def cross(self) -> torch.Tensor | None:
-        return None if self.statistics is None else self.statistics.cross
+    def drift(self) -> torch.Tensor | None:
+        return None if self.statistics is None else self.statistics.drift
 
     @property
     def calibrating(self) -> bool:
@@ -151,16 +175,17 @@ class LayerCalibration:
         self, weight: torch.Tensor, mask: torch.Tensor, settings: RefitSettings, budget: Budget
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, mask) re-fitted to the layer's calibration outputs (fp32, pruned weights 0),
-        aimed ``dense_target`` of the way at the dense model's outputs when the cross matrix was
+        aimed ``dense_target`` of the way at the dense model's outputs when the drift was
         gathered. "least_squares" keeps ``mask``; "admm" starts from it and lets the
         reconstruction move the support within ``budget`` (the same number of weights kept)."""
-        gram = self.gram.to(weight.device)
-        cross = None if self.cross is None else torch.lerp(gram, self.cross.to(weight.device), settings.dense_target)
         iterations = settings.iterations or default_iterations(weight.shape[1])
         if settings.method == "least_squares":
-            return least_squares(weight, gram, mask, settings.damping, iterations, settings.tolerance, cross=cross), mask
-        found = alps(
-            weight, gram, budget, damping=settings.damping, rho=settings.admm_rho, max_iterations=settings.admm_iterations,
-            update_every=1, pcg_iterations=iterations, pcg_tolerance=settings.tolerance, initial_mask=mask, cross=cross,
+            gram = self.gram.to(weight.device)
+            target = self.statistics.target(settings.dense_target, weight.device)
+            return least_squares(weight, gram, mask, settings.damping, iterations, settings.tolerance, cross=target), mask
+        found = solve(
+            weight, self.statistics.factor(settings.damping, settings.dense_target, weight.device), budget, rho=settings.admm_rho,
+            max_iterations=settings.admm_iterations, update_every=ADMM_UPDATE_EVERY, pcg_iterations=iterations,
+            pcg_tolerance=settings.tolerance, initial_mask=mask,
         )
         return found.weight, found.mask

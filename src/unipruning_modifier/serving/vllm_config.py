@@ -281,7 +281,8 @@ class SparseLinearMethod(LinearMethodBase):
             self.scheme.process_weights_after_loading(layer)
             self._log(layer, f"decompressed to dense, then {type(self.scheme).__name__}", weight)
             return
-        template.data = weight.to(params_dtype)
+        weight = weight.to(params_dtype)  # the serving dtype: logged below
+        template.data = weight
         layer.register_parameter("weight", template)
         sparse = None
         if self.format == "sparse-24-bitmask":
