@@ -239,7 +239,6 @@ def test_untracked_first_step_leaves_the_rest_of_the_state_bit_identical():
     assert untracked.first_step is None
     assert torch.equal(tracked.z, untracked.z) and torch.equal(tracked.anchor_mean, untracked.anchor_mean)
     assert torch.equal(tracked.gamma, untracked.gamma) and tracked.steps == untracked.steps
-    md.all_reduce_state(untracked)  # no process group: a no-op, also without first_step
 
 
 def test_anchor_mean_is_arithmetic_mean_of_anchors():

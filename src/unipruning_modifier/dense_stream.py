@@ -38,10 +38,11 @@ def check_chain(layers: list[str]) -> None:
 class DenseStream:
     """Dense hidden states per (decoder layer, batch), offloaded between layers."""
 
-    def __init__(self, layers: int, offload_device: torch.device | str = "cpu", every: int = 1):
+    def __init__(self, layers: int, offload_device: torch.device | str = "cpu", every: int = 1, first_batch: int = 0):
         self._count = layers
         self._offload = torch.device(offload_device)
         self._every = every
+        self._first = first_batch  # global index of this rank's first batch (data-parallel ranks)
         self._inputs: dict[int, dict[int, torch.Tensor]] = {}
         self._batches: dict[int, int] = {}
 
@@ -50,11 +51,11 @@ class DenseStream:
     ) -> dict[str, torch.Tensor]:
         """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the batch
         whose pruned input is in ``args``/``kwargs``; the inputs of ``linears`` (module -> name)
-        during that run, by name. Only every ``every``-th batch runs (the others return {}). The
-        caller keeps other hooks from seeing the run."""
+        during that run, by name. Only every ``every``-th batch (by global index) runs (the others
+        return {}). The caller keeps other hooks from seeing the run."""
         batch = self._batches.get(layer, 0)
         self._batches[layer] = batch + 1
-        if batch % self._every:
+        if (self._first + batch) % self._every:
             return {}
         positional = len(args) > 0
         pruned = args[0] if positional else kwargs["hidden_states"]

@@ -9,6 +9,11 @@ input tensor (q/k/v, gate/up) share one ``InputStatistics``, so each distinct in
 matrices are computed and held once. ``finish`` reduces all of it across data-parallel ranks and
 returns the saliency record a mask is taken from; ``refit`` re-fits the kept weights once the
 mask is known.
+
+Across data-parallel ranks (``deferred``) a batch only records its activation energy; ``finish``
+gathers every rank's energies and takes all the mirror-descent steps in global batch order, so
+the saliency is the one a single process computes from the same layer inputs, bit for bit
+(docs/distributed.md). ``finish_layers`` finishes every layer any rank calibrated, in one order.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from .admm import Budget, Factor, factorize, solve
-from .mirror_descent import SaliencyState, all_reduce_state, mirror_descent_step
-from .reconstruction import accumulate_gram, all_reduce_gram, default_iterations, least_squares
+from .distributed import gather_rows, reduce_mean, union_in_order
+from .mirror_descent import SaliencyState, mirror_descent_step
+from .reconstruction import accumulate_gram, default_iterations, least_squares
 from .saliency import activation_energy, local_saliency
 from .saliency_file import LayerSaliency
 
-__all__ = ["CalibrationSettings", "InputStatistics", "LayerCalibration", "RefitSettings"]
+__all__ = ["CalibrationSettings", "InputStatistics", "LayerCalibration", "RefitSettings", "finish_layers"]
 
 # rho of the ADMM re-fit is raised every this many iterations (ALPS: 3; 2 reached a lower error in
 # 20 iterations on uni-tiny-28m's layers, docs/benchmarks.md)
@@ -43,6 +49,7 @@ class CalibrationSettings:
     seed: int
     track_first_step: bool  # only where a mask (N:M first_step order) or a saliency file uses it
     gram: bool  # keep XᵀX for a re-fit
+    deferred: bool = False  # data-parallel: steps taken at finish from every rank's batches
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,14 @@ class InputStatistics:
             self._factor = factorize(gram, damping, self.target(dense_target, device))
         return self._factor
 
-    def reduce(self) -> None:
-        """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish)."""
+    def reduce(self, features: int, device: torch.device) -> None:
+        """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish); a
+        rank that saw no batch contributes zeros."""
         if self.reduced:
             return
-        if self.drift is not None:
-            self.drift, self.drift_tokens = all_reduce_gram(self.drift, self.drift_tokens)
-        if self.gram is not None:
-            self.gram, self.tokens = all_reduce_gram(self.gram, self.tokens)
+        shape = (features, features)
+        self.drift, self.drift_tokens = reduce_mean(self.drift, self.drift_tokens, shape, device)
+        self.gram, self.tokens = reduce_mean(self.gram, self.tokens, shape, device)
         self.reduced = True
 
 
@@ -119,9 +126,13 @@ class LayerCalibration:
         device: torch.device,
         settings: CalibrationSettings,
         statistics: InputStatistics | None = None,
+        group: str | None = None,
     ):
         self.name = name
+        self.group = group or name  # the Linear whose input statistics this one shares
         self.settings = settings
+        self.seen = 0  # batches of this rank
+        self.energies: list[torch.Tensor] = []  # deferred: this rank's activation energies
         self.saliency: SaliencyState | None = SaliencyState.zeros(shape, device, settings.track_first_step)
         self.generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(name.encode()))
         self.statistics = statistics if statistics is not None or not settings.gram else InputStatistics()
@@ -142,28 +153,39 @@ class LayerCalibration:
         return self.saliency is not None
 
     def observe(self, weight: torch.Tensor, inputs: torch.Tensor) -> None:
-        """One calibration batch: a mirror-descent step and, for a re-fit, the Gram matrices."""
-        s = self.settings
-        anchor = local_saliency(
-            s.metric, weight, activation_energy(inputs), exponent=s.exponent, beta=s.beta, generator=self.generator
-        )
-        if self.feedback is not None:
-            anchor = anchor * self.feedback.to(anchor.device)
-            self.feedback = None
-        batch = self.saliency.steps
-        mirror_descent_step(self.saliency, anchor, s.kappa, s.lam, self.generator)
+        """One calibration batch: a mirror-descent step (deferred: its activation energy) and,
+        for a re-fit, the Gram matrices."""
+        energy = activation_energy(inputs)
+        if self.settings.deferred:
+            self.energies.append(energy)
+        else:
+            self._step(weight, energy)
+        batch, self.seen = self.seen, self.seen + 1
         dense, self.dense_inputs = self.dense_inputs, None
         if self.statistics is not None:
             self.statistics.accumulate(batch, inputs, dense)
 
-    def finish(self) -> LayerSaliency:
+    def _step(self, weight: torch.Tensor, energy: torch.Tensor) -> None:
+        s = self.settings
+        anchor = local_saliency(s.metric, weight, energy, exponent=s.exponent, beta=s.beta, generator=self.generator)
+        if self.feedback is not None:
+            anchor = anchor * self.feedback.to(anchor.device)
+            self.feedback = None
+        mirror_descent_step(self.saliency, anchor, s.kappa, s.lam, self.generator)
+
+    def finish(self, weight: torch.Tensor | None = None) -> LayerSaliency:
         """End calibration: reduce the state across ranks, return the saliency record (on the
-        state's device, fp32) and drop the state."""
+        state's device, fp32) and drop the state. Deferred, every rank's batches are stepped
+        here, in global order, on ``weight`` (the layer's weight, as in calibration)."""
+        if self.settings.deferred:
+            local = torch.stack(self.energies) if self.energies else self.saliency.z.new_zeros((0, self.saliency.z.shape[1]))
+            for energy in gather_rows(local.to(self.saliency.z.device)):
+                self._step(weight, energy)
+            self.energies = []
         saliency, self.saliency = self.saliency, None
         self.feedback = None
-        all_reduce_state(saliency)
         if self.statistics is not None:
-            self.statistics.reduce()
+            self.statistics.reduce(saliency.z.shape[1], saliency.z.device)
         return LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
 
     def offload(self) -> None:
@@ -189,3 +211,28 @@ class LayerCalibration:
             pcg_tolerance=settings.tolerance, initial_mask=mask,
         )
         return found.weight, found.mask
+
+
+def finish_layers(
+    layers: dict[str, LayerCalibration], modules: dict[str, torch.nn.Module], settings: CalibrationSettings, device: torch.device
+) -> dict[str, LayerSaliency]:
+    """Finish every layer of ``layers`` still calibrating, in the order of ``modules`` (every
+    target). Deferred, also each target only another rank calibrated (an MoE expert given no
+    tokens here): it joins with no batches of this rank, on ``device``, so every rank makes the
+    same collectives in the same order; the steps are taken on the onloaded weight."""
+    calibrating = {name: calibration for name, calibration in layers.items() if calibration.calibrating}
+    names = union_in_order({name: c.group for name, c in calibrating.items()}, list(modules))
+    if not settings.deferred:
+        return {name: calibrating[name].finish() for name in names}
+    from compressed_tensors.utils import align_module_device
+
+    groups = {c.group: c.statistics for c in calibrating.values()}
+    records = {}
+    for name, group in names.items():
+        module = modules[name]
+        if name not in layers:
+            statistics = groups.setdefault(group, InputStatistics()) if settings.gram else None
+            layers[name] = LayerCalibration(name, module.weight.shape, device, settings, statistics, group)
+        with torch.no_grad(), align_module_device(module):
+            records[name] = layers[name].finish(module.weight)
+    return records

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .device import to_device
 
@@ -118,34 +117,3 @@ def mirror_descent_step(
     state.anchor_mean.mul_(step / (step + 1)).add_(anchor, alpha=1.0 / (step + 1))
     state.steps = step + 1
 
-
-def all_reduce_state(state: SaliencyState) -> None:
-    """Combine the states of data-parallel ranks so every rank picks the same mask.
-
-    Each rank ran the mirror descent over its own share of the batches; the chains are
-    averaged (z, anchor mean weighted by steps, threshold re-taken as the mean), and
-    first_step becomes the earliest step at which any rank saw the weight enter. A no-op
-    outside an initialised process group of more than one rank.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    steps = torch.tensor([float(state.steps)], device=state.z.device)
-    dist.all_reduce(steps)
-    total_steps = float(steps.item())
-    weight = state.steps / total_steps if total_steps > 0 else 0.0
-    world = dist.get_world_size()
-
-    state.z.div_(world)
-    dist.all_reduce(state.z)
-    state.anchor_mean.mul_(weight)
-    dist.all_reduce(state.anchor_mean)
-    threshold = torch.as_tensor(state.threshold, dtype=torch.float64, device=state.z.device).reshape(1) / world
-    dist.all_reduce(threshold)
-    state.threshold = threshold.reshape(()).float()
-
-    if state.first_step is not None:
-        never = torch.iinfo(torch.int32).max
-        first = torch.where(state.first_step < 0, torch.full_like(state.first_step, never), state.first_step)
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        state.first_step.copy_(torch.where(first == never, torch.full_like(first, -1), first))
-    state.steps = int(total_steps)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from compressed_tensors.utils import align_module_device, match_name, match_named_modules, update_offload_parameter
+from compressed_tensors.utils import match_name, match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.modifier import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -22,10 +22,11 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from transformers import PreTrainedModel
 
+from . import distributed
 from .block_feedback import block_feedback
 from .checkpoint import mark_sparse
 from .dense_stream import DenseStream, check_chain
-from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
+from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings, finish_layers
 from .mask_fields import MaskSettings
 from .mask_policy import MaskPolicy
 from .registration import register
@@ -127,7 +128,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     _policy: MaskPolicy | None = PrivateAttr(default=None)
     _layers: dict[str, LayerCalibration] = PrivateAttr(default_factory=dict)
     _waiting: dict[str, LayerSaliency] = PrivateAttr(default_factory=dict)
-    _inputs_seen: list[tuple[torch.Tensor, InputStatistics]] = PrivateAttr(default_factory=list)
+    _inputs_seen: list[tuple[torch.Tensor, InputStatistics, str]] = PrivateAttr(default_factory=list)
     _decoder_layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _stream: DenseStream | None = PrivateAttr(default=None)
     _feedback_runs: int = PrivateAttr(default=0)
@@ -228,8 +229,12 @@ class UniPruningModifier(Modifier, MaskSettings):
         self._names = {module: name for name, module in self._targets.items()}
         modules = dict(state.model.named_modules())
         self._decoder_layers = {modules[name]: name for name in self._policy.decoder_layers}
+        if distributed.active() and self.block_feedback > 0:
+            raise ValueError("block_feedback needs each batch's masks from all earlier batches, so it runs in one process only")
+        first_batch = 0 if self.load_saliency else distributed.first_batch(kwargs.get("calib_data"))
         if self.dense_target > 0:
             check_chain(self._policy.decoder_layers)
+            self._stream = DenseStream(len(self._decoder_layers), every=self.dense_target_every, first_batch=first_batch)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():
@@ -247,8 +252,6 @@ class UniPruningModifier(Modifier, MaskSettings):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         for module in self._names:
             self.register_hook(module, self._calibrate, "forward")
-        if self.dense_target > 0:
-            self._stream = DenseStream(len(self._decoder_layers), every=self.dense_target_every)
         for layer in self._decoder_layers:
             if self._stream is not None:
                 self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
@@ -325,13 +328,11 @@ class UniPruningModifier(Modifier, MaskSettings):
         given the very same input tensor at their first batch share its InputStatistics."""
         if name not in self._layers:
             settings = self.calibration_settings()
-            statistics = None
-            if settings.gram:
-                statistics = next((stats for tensor, stats in self._inputs_seen if tensor is inputs), None)
-                if statistics is None:
-                    statistics = InputStatistics()
-                    self._inputs_seen.append((inputs, statistics))  # held, so no other tensor takes its id
-            self._layers[name] = LayerCalibration(name, module.weight.shape, inputs.device, settings, statistics)
+            statistics, group = next(((stats, group) for tensor, stats, group in self._inputs_seen if tensor is inputs), (None, name))
+            if settings.gram and statistics is None:
+                statistics = InputStatistics()
+                self._inputs_seen.append((inputs, statistics, name))  # held, so no other tensor takes its id
+            self._layers[name] = LayerCalibration(name, module.weight.shape, inputs.device, settings, statistics, group)
         return self._layers[name]
 
     def calibration_settings(self) -> CalibrationSettings:
@@ -340,7 +341,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         return CalibrationSettings(
             self.metric, self.exponent, self.beta, self.kappa, self.lam, self.seed,
             track_first_step=self.order == "first_step" or self.calibration_inputs == "dense",
-            gram=self.reconstruct != "none",
+            gram=self.reconstruct != "none", deferred=distributed.active(),
         )
 
     def _targets_in(self, layer: torch.nn.Module) -> dict[torch.nn.Module, str]:
@@ -352,12 +353,12 @@ class UniPruningModifier(Modifier, MaskSettings):
         return list(self._decoder_layers).index(layer)
 
     def _finish_calibrated_layers(self) -> None:
-        """Reduce the layers calibrated since the last call across ranks, then mask each (or keep
-        its saliency until every layer is calibrated, for a saliency file or a global budget)."""
+        """Reduce the layers calibrated since the last call (on any rank) across ranks, then mask each
+        (or keep its saliency until every layer is calibrated, for a saliency file or a global budget)."""
         self._inputs_seen = []
-        for name in [name for name, calibration in self._layers.items() if calibration.calibrating]:
+        records = finish_layers(self._layers, self._targets, self.calibration_settings(), distributed.device())
+        for name, record in records.items():
             calibration = self._layers[name]
-            record = calibration.finish()
             if self.calibration_inputs == "dense" or self._policy.needs_all_layers:
                 dtype = STORAGE_DTYPES[self.saliency_dtype] if self.calibration_inputs == "dense" else torch.bfloat16
                 self._waiting[name] = record.to("cpu", dtype)
@@ -383,20 +384,19 @@ class UniPruningModifier(Modifier, MaskSettings):
             self.reconstruct, self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target,
             self.admm_iterations, self.admm_rho,
         )
-        for name, mask in masks.items():
-            calibration = self._layers.pop(name, None)
-            if calibration is not None and calibration.gram is not None and calibration.drift is None and self.dense_target > 0:
+        calibrations = {name: self._layers.pop(name, None) for name in masks}
+
+        def pruned(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mask, calibration = masks[name].to(weight.device), calibrations[name]
+            if calibration is None or calibration.gram is None:
+                return weight.masked_fill(~mask, 0), mask
+            if calibration.drift is None and self.dense_target > 0:
                 logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
-            module = self._targets[name]
-            with torch.no_grad(), align_module_device(module):
-                weight = module.weight
-                mask = mask.to(weight.device)
-                if calibration is None or calibration.gram is None:
-                    pruned = weight.masked_fill(~mask, 0)
-                else:
-                    fitted, mask = calibration.refit(weight, mask, refit, self._policy.budget(name, mask))
-                    pruned = fitted.to(weight.dtype).masked_fill(~mask, 0)
-            update_offload_parameter(module, "weight", pruned)
+            fitted, mask = calibration.refit(weight, mask, refit, self._policy.budget(name, mask))
+            return fitted.to(weight.dtype).masked_fill(~mask, 0), mask
+
+        written = distributed.write_weights({name: self._targets[name] for name in masks}, pruned)
+        for name, mask in written.items():
             self._pruned.add(name)
             achieved = 1.0 - mask.sum().item() / mask.numel()
             steps = records[name].steps if not self._policy.needs_all_layers else None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 
 def accumulate_gram(
@@ -42,17 +41,6 @@ def accumulate_gram(
     total = count + tokens
     gram.mul_(count / total).addmm_(flat.T, other, alpha=1.0 / total)
     return gram, total
-
-
-def all_reduce_gram(gram: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """Token-weighted mean of the ranks' Gram matrices (no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return gram, count
-    total = torch.tensor([float(count)], device=gram.device)
-    dist.all_reduce(total)
-    gram.mul_(count / max(float(total.item()), 1.0))
-    dist.all_reduce(gram)
-    return gram, int(total.item())
 
 
 def dampen(gram: torch.Tensor, fraction: float) -> torch.Tensor:

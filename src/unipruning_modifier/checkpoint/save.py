@@ -195,6 +195,14 @@ def _wrap_save_pretrained(model: torch.nn.Module) -> None:
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, sparse_format: str | None = None, **kwargs):
+        # in a process group every rank calls this (llm-compressor's save is collective too):
+        # rank 0 rewrites the folder, and no rank returns before it is done
+        try:
+            return _save(save_directory, *args, sparse_format=sparse_format, **kwargs)
+        finally:
+            _barrier()
+
+    def _save(save_directory, *args, sparse_format: str | None = None, **kwargs):
         rewrite = kwargs.get("save_compressed", True) and sparse_format != "dense" and _is_main_process()
         sparsity = _global_sparsity(model) if rewrite else None  # before llm-compressor compresses it in place
         original(save_directory, *args, **kwargs)
@@ -237,3 +245,10 @@ def _is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
