@@ -53,6 +53,8 @@ def test_bad_recipe_fails_before_work(capsys, tmp_path, recipe_text, message):
         (["--dataset", "/nonexistent/calib.txt"], "--dataset: dataset '/nonexistent/calib.txt': no such text file"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--device", "tpu"], "--device"),
+        (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+        (["--nproc", "2", "--save-saliency", "x.safetensors"], "--save-saliency calibrates in one process; drop --nproc"),
     ],
 )
 def test_bad_arguments_fail_with_the_argument_named(capsys, tmp_path, argv, message):

@@ -4,6 +4,7 @@ minute on two cores). docs/distributed.md states what is compared and why."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,6 +75,8 @@ def test_ranks_agree_and_masks_are_exact(runs, case):
             assert bool((kept.reshape(weight.shape[0], -1, 4).sum(-1) == 2).all()), name
     # the checkpoint each rank loads right after save_sparse returns equals the model in memory
     assert all(r["loaded_equal"] for r in ranks)
+    # the weights were shared between the ranks (rank 0 alone wrote them)
+    assert [r["cache"] for r in ranks] == ["DistributedCPUCache"] * WORLD
 
 
 def test_without_reconstruction_two_ranks_are_one_process_bit_for_bit(runs):
@@ -97,3 +100,36 @@ def test_with_least_squares_two_ranks_match_one_process_within_tolerance(runs):
 def test_the_same_dataset_on_every_rank_is_refused(runs):
     for rank in range(WORLD):
         assert "same calibration dataset" in (runs / "dist" / f"refused-rank{rank}.txt").read_text()
+
+
+def test_cli_nproc_2_prunes_as_one_process_does(runs, tmp_path):
+    """``unipruning prune --nproc 2`` (its own launcher, gloo): rank 0 reports and saves a
+    checkpoint bit-identical to one process's (no re-fit; one thread each, as in the workers)."""
+    from unipruning_modifier.checkpoint import load_sparse
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("s_stage:\n  s_modifiers:\n    UniPruningModifier: {sparsity: 0.5, ignore: ['re:.*lm_head']}\n")
+    common = ["--recipe", str(recipe), "--num-samples", "4", "--seq-len", "64", "--eval-window", "64", "--eval-tokens", "256", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    reports = {}
+    for name, extra in (("two", ["--nproc", "2"]), ("one", [])):
+        command = [sys.executable, "-m", "unipruning_modifier.cli", "prune", *common, "--output", str(tmp_path / name), *extra]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        reports[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reports["two"]["nproc"] == 2 and reports["one"]["nproc"] == 1
+    assert reports["two"]["num_samples"] == reports["one"]["num_samples"] == 4
+    two, one = (load_sparse(tmp_path / name, dtype=torch.float32).state_dict() for name in ("two", "one"))
+    assert two.keys() == one.keys() and all(torch.equal(two[key], one[key]) for key in one)
+
+
+def test_cli_nproc_bad_argument_is_one_error_line(tmp_path):
+    """Every worker refuses a bad --model; the user sees rank 0's one line and exit code 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "unipruning_modifier.cli", "prune", "--nproc", "2", "--model", "/nonexistent/model", "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert [line for line in done.stderr.splitlines() if "error:" in line] == [
+        "unipruning prune: error: --model /nonexistent/model: no such folder"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -70,13 +70,14 @@ def main(out: Path, cases: dict[str, dict]) -> None:
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and "lm_head" not in name
         }
+        cache = type(model.get_input_embeddings()._parameters).__name__  # the offload holding the weights
         folder = out / f"{case.replace(':', '_')}-checkpoint"
         save_sparse(model, folder)  # every rank; none returns before rank 0 has rewritten the folder
         loaded = load_sparse(folder, dtype=torch.float32).state_dict()
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         equal = all(torch.equal(loaded[name], state[name].to(loaded[name].dtype)) for name in loaded)
         torch.save(
-            {"seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal, "world": size},
+            {"seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal, "world": size, "cache": cache},
             out / f"{case}-{tag}.pt",
         )
         distributed.barrier()

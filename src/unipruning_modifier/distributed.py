@@ -84,9 +84,10 @@ def first_batch(loader) -> int:
     """Global index of this rank's first calibration batch (0 for a single process).
 
     Ranks must hold consecutive slices of the data in rank order (``rank_slice``). Identical
-    datasets on every rank are refused: llm-compressor 0.14 then "partitions" them, but its
-    sampler yields indices 0..n/N-1 into the full dataset on every rank, so every rank would
-    calibrate on the same first part of the data.
+    datasets on every rank (judged as llm-compressor judges them: fingerprint, or first sample)
+    are refused: llm-compressor 0.14 then "partitions" them, but its sampler yields indices
+    0..n/N-1 into the full dataset on every rank, so every rank would calibrate on the same
+    first part of the data.
     """
     if not active():
         return 0
@@ -99,7 +100,7 @@ def first_batch(loader) -> int:
             "UniPruningModifier: every rank got the same calibration dataset; llm-compressor 0.14 would give each "
             "rank the same first part of it. Give rank r its own slice (unipruning_modifier.distributed.rank_slice)"
         )
-    counts = _gather_ints(len(loader))
+    counts = _gather_ints(0 if loader is None else len(loader))
     return sum(counts[: world()[0]])
 
 

@@ -292,7 +292,7 @@ class UniPruningModifier(Modifier, MaskSettings):
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
-        if self.save_saliency and self._waiting:
+        if self.save_saliency and self._waiting and distributed.world()[0] == 0:  # identical on every rank
             self._write_saliency(state.model)
         if self._waiting:
             records, self._waiting = self._waiting, {}

@@ -60,6 +60,7 @@ def _logs_to_current_stdout(module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # --nproc starts workers with the same arguments
     previous = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM / SIGHUP clean up as Ctrl-C does
         previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from . import launch
 from .common import HelpFormatter, UsageError, add_model_options, add_output_options, log, positive, select
 from .model_io import (
     check_model_path,
@@ -47,6 +49,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--eval-window", type=int, default=512, metavar="W", help="tokens per perplexity window")
     parser.add_argument("--eval-tokens", type=int, default=65536, metavar="T", help="at most this many evaluation tokens")
     add_model_options(parser)
+    launch.add_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of calibration windows")
     parser.add_argument(
         "--save-saliency", metavar="FILE",
@@ -134,9 +137,15 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Validate everything and claim the outputs, then load, measure, prune, measure, save."""
+    """Validate everything and claim the outputs, then load, measure, prune, measure, save
+    (with ``--nproc``: start the workers; in a worker of rank > 0: calibrate only)."""
     from .. import data
 
+    nproc = positive("--nproc", args.nproc)
+    if args.save_saliency and (nproc > 1 or launch.is_worker()):
+        raise UsageError("--save-saliency calibrates in one process; drop --nproc")
+    if nproc > 1 and not launch.is_worker():
+        return launch.launch(nproc, args.argv)
     demo = args.model is None
     num_samples = positive("--num-samples", (64 if demo else 128) if args.num_samples is None else args.num_samples)
     seq_len = positive("--seq-len", (256 if demo else 512) if args.seq_len is None else args.seq_len, 2)
@@ -148,6 +157,8 @@ def run(args: argparse.Namespace) -> dict:
     if saliency_path is not None and saliency_path.is_relative_to(output):
         raise UsageError(f"--save-saliency {args.save_saliency} is inside --output {args.output}, which is replaced as a whole")
     recipe_path = resolve_recipe(args.recipe)
+    if launch.is_worker() and int(os.environ["RANK"]) > 0:  # rank 0 claims and writes the outputs
+        return prune(args, model_id, recipe_path, num_samples, seq_len, None, None)
     with claim_outputs((output, "--output"), (saliency_path, "--save-saliency")) as (claim, saliency_claim):
         check_output(claim, args.overwrite)
         if saliency_claim is not None and saliency_path.exists() and not args.overwrite:
@@ -155,33 +166,42 @@ def run(args: argparse.Namespace) -> dict:
         return prune(args, model_id, recipe_path, num_samples, seq_len, claim, saliency_claim)
 
 
-def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int, claim, saliency_claim) -> dict:
-    """The checks that read the recipe, texts and config.json, then the work (outputs claimed)."""
+def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int, claim, saliency_claim) -> dict | None:
+    """The checks that read the recipe, texts and config.json, then the work (outputs claimed;
+    ``claim`` None: a worker of rank > 0, which only calibrates on its slice and returns None)."""
     from ..modifier import UniPruningModifier  # imported before the recipe is parsed, which names it
     from ..device import PeakMemory, timed
+    from ..distributed import rank_slice, world
     from ..evaluation import layer_sparsity, perplexity, total_sparsity
     from ..saliency_file import SaliencyFileError
 
     device = select(args.device)
+    if launch.is_worker():
+        device = launch.join(device)
     recipe = load_recipe(recipe_path)
     staged_saliency = saliency_claim.partial(".safetensors") if saliency_claim else None
     if staged_saliency:
         recipe = with_saved_saliency(recipe, str(staged_saliency), recipe_path)
     tokenizer = load_tokenizer(model_id, args)
     calibration, tokens = read_texts(args, tokenizer, num_samples, seq_len)
+    windows, nproc = len(calibration), world()[1]
+    if nproc > 1:  # each rank its own slice: llm-compressor 0.14 splits one dataset wrongly (docs/distributed.md)
+        calibration = calibration.select(rank_slice(windows))
     shapes = skeleton(model_id, args)
     targets = check_fits(recipe.modifiers, shapes, f"--recipe {recipe_path}")
     saved_dtype, _ = load_dtypes(model_id, args, device)
-    needs = [(claim.path, "--output", checkpoint_bytes(shapes, saved_dtype))]
-    if saliency_claim:
-        needs.append((saliency_claim.path, "--save-saliency", saliency_bytes(shapes, targets)))
-    check_free_space(needs)
+    if claim is not None:
+        needs = [(claim.path, "--output", checkpoint_bytes(shapes, saved_dtype))]
+        if saliency_claim:
+            needs.append((saliency_claim.path, "--save-saliency", saliency_bytes(shapes, targets)))
+        check_free_space(needs)
 
     from llmcompressor import oneshot
 
     model, saved_dtype = load_model(model_id, args, device)
-    log("perplexity of the dense model")
-    ppl_dense = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
+    if claim is not None:
+        log("perplexity of the dense model")
+        ppl_dense = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
     with PeakMemory(device) as memory, timed(device) as clock:
         try:
             model = oneshot(
@@ -196,6 +216,9 @@ def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int,
             )
         except SaliencyFileError as error:  # writing it failed
             raise UsageError(f"--save-saliency {saliency_claim.path}: {error}; nothing was replaced") from None
+    launch.leave()
+    if claim is None:
+        return None
     log("perplexity of the pruned model")
     ppl_pruned = perplexity(model, tokens, args.eval_window, args.eval_tokens, progress=True)
     per_layer, sparsity = layer_sparsity(model, targets), total_sparsity(model, targets)
@@ -208,8 +231,9 @@ def prune(args, model_id: str, recipe_path: str, num_samples: int, seq_len: int,
         "output": str(claim.path),
         "saliency": str(saliency_claim.path) if saliency_claim else None,
         "device": str(device),
-        "num_samples": len(calibration),
+        "num_samples": windows,
         "seq_len": seq_len,
+        "nproc": nproc,
         "sparsity": sparsity,
         "layer_sparsity": per_layer,
         "ppl_dense": ppl_dense,
@@ -236,5 +260,6 @@ def print_summary(result: dict) -> None:
     print(
         f"perplexity {result['ppl_dense']:.3f} dense -> {result['ppl_pruned']:.3f} pruned; "
         f"pruning took {result['seconds']:.1f} s, peak memory {result['peak_memory_mb']:.0f} MiB "
-        f"({result['num_samples']} x {result['seq_len']} calibration tokens on {result['device']})"
+        f"({result['num_samples']} x {result['seq_len']} calibration tokens on {result['device']}"
+        f"{f' in {nproc} processes' if (nproc := result.get('nproc', 1)) > 1 else ''})"
     )
