@@ -73,7 +73,9 @@ def test_ranks_agree_and_masks_are_exact(runs, case):
             assert int(kept.sum()) == kept_count(kept.numel(), 0.5), name
         else:
             assert bool((kept.reshape(weight.shape[0], -1, 4).sum(-1) == 2).all()), name
-    # the checkpoint each rank loads right after save_sparse returns equals the model in memory
+    # when save_sparse returns, on every rank, the folder is rewritten into the sparse format, and
+    # the checkpoint loaded then equals the model in memory
+    assert [r["format"] for r in ranks] == ["sparse-bitmask" if case == "layer-0.5" else "sparse-24-bitmask"] * WORLD
     assert all(r["loaded_equal"] for r in ranks)
     # the weights were shared between the ranks (rank 0 alone wrote them)
     assert [r["cache"] for r in ranks] == ["DistributedCPUCache"] * WORLD

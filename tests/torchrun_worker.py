@@ -6,8 +6,9 @@
 Each rank loads the model with compressed-tensors' ``load_offloaded_model`` (weights shared
 between ranks in CPU memory), calibrates on its own slice of the 16 windows
 (``distributed.rank_slice``), saves the checkpoint from every rank and loads it back at once.
-The file records the token windows this process calibrated on, every target weight, and whether
-the loaded checkpoint equals the model in memory; under torchrun, OUT/refused-rank<r>.txt holds
+The file records the token windows this process calibrated on, every target weight, the sparse
+format the folder holds when save_sparse returns, and whether the checkpoint loaded then equals
+the model in memory; under torchrun, OUT/refused-rank<r>.txt holds
 the error given when every rank passes the same (whole) dataset. ``python tests/torchrun_worker.py
 OUT '{"case": {fields}}'`` runs other cases. tests/test_torchrun.py compares the files.
 """
@@ -39,7 +40,7 @@ def main(out: Path, cases: dict[str, dict]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unipruning_modifier import UniPruningModifier, data, distributed
-    from unipruning_modifier.checkpoint import load_sparse, save_sparse
+    from unipruning_modifier.checkpoint import load_sparse, save_sparse, sparse_config_of
 
     launched = "RANK" in os.environ
     if launched:
@@ -70,14 +71,17 @@ def main(out: Path, cases: dict[str, dict]) -> None:
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and "lm_head" not in name
         }
-        cache = type(model.get_input_embeddings()._parameters).__name__  # the offload holding the weights
+        target = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+        cache = type(target._parameters).__name__  # the offload holding the weights
         folder = out / f"{case.replace(':', '_')}-checkpoint"
         save_sparse(model, folder)  # every rank; none returns before rank 0 has rewritten the folder
+        stored = (sparse_config_of(folder) or {}).get("format")
         loaded = load_sparse(folder, dtype=torch.float32).state_dict()
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         equal = all(torch.equal(loaded[name], state[name].to(loaded[name].dtype)) for name in loaded)
         torch.save(
-            {"seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal, "world": size, "cache": cache},
+            {"seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal, "world": size, "cache": cache,
+             "format": stored},
             out / f"{case}-{tag}.pt",
         )
         distributed.barrier()
