@@ -84,7 +84,8 @@ def main(out: Path, cases: dict[str, dict]) -> None:
              "format": stored},
             out / f"{case}-{tag}.pt",
         )
-        distributed.barrier()
+        if size > 1:
+            torch.distributed.barrier()
     if size > 1:
         try:
             prune({"sparsity": 0.5}, windows)

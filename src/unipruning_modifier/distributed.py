@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 __all__ = [
     "active",
-    "barrier",
     "device",
     "first_batch",
     "gather_rows",
@@ -145,11 +144,6 @@ def union_in_order(local: dict[str, str], order: list[str]) -> dict[str, str]:
     dist.all_gather_object(gathered, local)
     merged = {key: value for part in gathered for key, value in part.items()}
     return {name: merged[name] for name in order if name in merged}
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def write_weights(
