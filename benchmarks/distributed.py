@@ -43,7 +43,8 @@ def main() -> None:
     tokens = data.token_stream(tokenizer, data.read_text(args.eval_text or data.demo_eval_text()))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = {"dist": [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"], "single": [sys.executable]}
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        runs = {"dist": torchrun, "single": [sys.executable]}
         for name, launch in runs.items():
             (root / name).mkdir()
             worker = [*launch, str(WORKER), str(root / name), json.dumps(CASES)]

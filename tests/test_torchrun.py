@@ -25,9 +25,14 @@ WORLD = 2
 MASK_AGREEMENT = 0.999
 
 
+def _env(**extra) -> dict[str, str]:
+    """This environment, the package under test first on the path."""
+    path = os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _run(argv: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -112,7 +117,7 @@ def test_cli_nproc_2_prunes_as_one_process_does(runs, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("s_stage:\n  s_modifiers:\n    UniPruningModifier: {sparsity: 0.5, ignore: ['re:.*lm_head']}\n")
     common = ["--recipe", str(recipe), "--num-samples", "4", "--seq-len", "64", "--eval-window", "64", "--eval-tokens", "256", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = _env(OMP_NUM_THREADS="1")
     reports = {}
     for name, extra in (("two", ["--nproc", "2"]), ("one", [])):
         command = [sys.executable, "-m", "unipruning_modifier.cli", "prune", *common, "--output", str(tmp_path / name), *extra]
@@ -127,9 +132,8 @@ def test_cli_nproc_2_prunes_as_one_process_does(runs, tmp_path):
 
 def test_cli_nproc_bad_argument_is_one_error_line(tmp_path):
     """Every worker refuses a bad --model; the user sees rank 0's one line and exit code 2."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "unipruning_modifier.cli", "prune", "--nproc", "2", "--model", "/nonexistent/model", "--output", str(tmp_path / "out")]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "unipruning_modifier.cli", "prune", "--nproc", "2", "--model", "/nonexistent/model"]
+    done = subprocess.run([*command, "--output", str(tmp_path / "out")], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert [line for line in done.stderr.splitlines() if "error:" in line] == [
         "unipruning prune: error: --model /nonexistent/model: no such folder"

@@ -80,8 +80,10 @@ def main(out: Path, cases: dict[str, dict]) -> None:
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         equal = all(torch.equal(loaded[name], state[name].to(loaded[name].dtype)) for name in loaded)
         torch.save(
-            {"seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal, "world": size, "cache": cache,
-             "format": stored},
+            {
+                "seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal,
+                "world": size, "cache": cache, "format": stored,
+            },
             out / f"{case}-{tag}.pt",
         )
         if size > 1:
