@@ -173,8 +173,8 @@ def sweep(args) -> int:
         f"of {args.seq_len}; eval {bench.eval_tokens_used} tokens in windows of {args.eval_window}")
     if not args.no_dense:
         bench.dense()
-    for method in args.methods:
-        for config in args.configs:
+    for config in args.configs:  # methods interleaved per config: their CPU seconds see the same load
+        for method in args.methods:
             bench.run(method, config)
     if args.plot:
         from plot import ppl_vs_sparsity
