@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality benchmark: perplexity, time and memory of UniPruning vs Wanda, SparseGPT, magnitude.
+"""Quality benchmark: perplexity, time and memory of UniPruning vs ALPS, Wanda, SparseGPT, magnitude.
 
     python benchmarks/quality.py MODEL --methods unipruning wanda sparsegpt magnitude \\
         --configs 0.5 0.6 0.7 2:4 4:8
@@ -29,7 +29,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
     from unipruning_modifier import UniPruningModifier
 
-METHODS = ("unipruning", "wanda", "sparsegpt", "magnitude")
+METHODS = ("unipruning", "wanda", "sparsegpt", "magnitude", "alps")
 
 
 @torch.no_grad()
@@ -82,6 +82,10 @@ def build_modifier(method: str, config: Config, extra: dict, seed: int):
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
         return SparseGPTModifier(**kwargs)
+    if method == "alps":
+        from alps import ALPSModifier
+
+        return ALPSModifier(**kwargs)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -169,8 +173,8 @@ def sweep(args) -> int:
         f"of {args.seq_len}; eval {bench.eval_tokens_used} tokens in windows of {args.eval_window}")
     if not args.no_dense:
         bench.dense()
-    for method in args.methods:
-        for config in args.configs:
+    for config in args.configs:  # methods interleaved per config: their CPU seconds see the same load
+        for method in args.methods:
             bench.run(method, config)
     if args.plot:
         from plot import ppl_vs_sparsity

@@ -24,8 +24,8 @@ def test_shipped_recipes_parse(name):
     (modifier,) = recipe.modifiers
     assert isinstance(modifier, UniPruningModifier)
     assert modifier.ignore == ["re:.*lm_head"]
-    assert modifier.reconstruct == "least_squares"  # the benchmark's best row (docs/benchmarks.md)
-    assert modifier.dense_target == 0.3
+    assert modifier.reconstruct == "admm"  # the benchmark's best row (docs/benchmarks.md)
+    assert modifier.dense_target == 0.3 and modifier.dense_target_every == 2
 
 
 def test_yaml_string_recipe():
