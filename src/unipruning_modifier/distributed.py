@@ -161,8 +161,14 @@ def write_weights(
     from compressed_tensors.utils import align_module_device, update_offload_parameter
 
     rank, size = world()
-    names = list(modules)
     masks = {}
+    if size == 1:
+        for name, module in modules.items():
+            with torch.no_grad(), align_module_device(module):
+                weight, masks[name] = compute(name, module.weight)
+            update_offload_parameter(module, "weight", weight)
+        return masks
+    names = list(modules)
     for start in range(0, len(names), size):
         round_names = names[start : start + size]
         mine = {}
@@ -170,11 +176,6 @@ def write_weights(
             if owner == rank:
                 with torch.no_grad(), align_module_device(modules[name]):
                     mine[name] = compute(name, modules[name].weight)
-            if size == 1:
-                update_offload_parameter(modules[name], "weight", mine[name][0])
-                masks[name] = mine.pop(name)[1]
-        if size == 1:
-            continue
         dist.barrier()
         for owner, name in enumerate(round_names):
             module = modules[name]
