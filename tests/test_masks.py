@@ -87,6 +87,19 @@ def test_nm_mask_hand_example():
     )
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2)])
+@pytest.mark.parametrize("levels", [2, 5, 100000])
+@pytest.mark.parametrize("nkeys", [1, 2, 3])
+def test_nm_mask_pairwise_ranks_equal_the_stable_sort(n, m, levels, nkeys):
+    """Groups of up to 8 are ranked by pairwise comparisons: the same mask as the stable
+    lexicographic sort, ties (few levels) included."""
+    gen = _gen(levels + 10 * nkeys + m)
+    keys = [torch.randint(0, levels, (16, 8 * m), generator=gen).float() for _ in range(nkeys)]
+    grouped = [k.reshape(16, 8, m) for k in keys]
+    expected = masks._keep_first(grouped, n, dim=-1).reshape(16, 8 * m)
+    assert torch.equal(masks.nm_mask(keys, n, m), expected)
+
+
 @pytest.mark.parametrize("cols, m", [(6, 4), (12, 8), (5, 4)])
 def test_nm_mask_rejects_cols_not_multiple_of_m(cols, m):
     with pytest.raises(ValueError, match=str(cols)):
@@ -387,13 +400,43 @@ def test_global_allocation_matches_brute_force_exactly_without_ties(sparsity):
 @pytest.mark.parametrize("levels", [3, 50, 100000])
 @pytest.mark.parametrize("nkeys", [1, 2, 3])
 def test_top_mask_1d_equals_the_stable_sort(levels, nkeys):
-    """The kthvalue path keeps exactly what the full lexicographic sort keeps, ties included."""
+    """The threshold path keeps exactly what the full lexicographic sort keeps, ties included."""
     from unipruning_modifier.masks import _keep_first, top_mask_1d
 
     gen = torch.Generator().manual_seed(levels + nkeys)
     keys = [torch.randint(0, levels, (5000,), generator=gen).float() for _ in range(nkeys)]
     for keep in (0, 1, 777, 2500, 4999, 5000):
         assert torch.equal(top_mask_1d(keys, keep), _keep_first(keys, keep)), keep
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
+def test_kth_largest_is_exact_on_large_inputs(kind):
+    """The sample-bracket route returns exactly what a full kthvalue does, at every rank,
+    ties and a constant input included."""
+    from unipruning_modifier.masks import _BRACKET_FROM, kth_largest
+
+    gen = torch.Generator().manual_seed(7)
+    total = _BRACKET_FROM + 12345
+    values = {
+        "normal": lambda: torch.randn(total, generator=gen).abs(),
+        "ties": lambda: torch.randint(0, 20, (total,), generator=gen).float(),
+        "constant": lambda: torch.full((total,), 0.5),
+        "skewed": lambda: torch.randn(total, generator=gen).exp().pow(4) * (torch.arange(total) % 512 == 0),
+    }[kind]()
+    for keep in (1, 2, 100, total // 3, total // 2, total - 100, total - 1, total):
+        assert torch.equal(kth_largest(values, keep), values.kthvalue(total - keep + 1).values), keep
+
+
+def test_kth_largest_falls_back_when_the_sample_misses(monkeypatch):
+    """A sample that brackets the wrong place (here: one made of the largest values only) still
+    gives the exact answer, by searching the whole input."""
+    from unipruning_modifier import masks
+
+    values = torch.randn(masks._BRACKET_FROM, generator=torch.Generator().manual_seed(3))
+    top = values.argsort(descending=True)[: masks._BRACKET_SAMPLE]
+    monkeypatch.setattr(masks.torch, "randint", lambda *args, **kwargs: top)
+    for keep in (10, values.numel() // 2):
+        assert torch.equal(masks.kth_largest(values, keep), values.kthvalue(values.numel() - keep + 1).values)
 
 
 # --------------------------------------------------------------------------- OWL allocation

@@ -44,22 +44,51 @@ def _keep_first(keys: Sequence[torch.Tensor], keep: int, dim: int = -1) -> torch
     return mask
 
 
+# Values above which the exact keep-th largest is found inside a bracket from a sample
+_BRACKET_FROM = 1 << 16
+_BRACKET_SAMPLE = 4096
+
+
+def kth_largest(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep``-th largest entry of 1-D ``values`` (1 <= keep <= numel), exactly, as a 0-dim tensor.
+
+    On the CPU, large inputs take the bracket route: the order statistics of a small sample (fixed
+    seed) around the wanted rank bound a narrow value band; one pass counts the values above it,
+    and the answer is found among the few values inside it. kthvalue over the whole input costs
+    ~15 ns a value on ADMM's iterates, this about a quarter of that. When the sample misses (a
+    probability far below 1e-4), the whole input is searched. On accelerators a sort (CUDA's
+    kthvalue runs one block per slice: seconds on one 45M-entry slice, a radix sort milliseconds).
+    """
+    total = values.numel()
+    if values.device.type != "cpu":
+        return values.sort().values[total - keep]
+    if total >= _BRACKET_FROM:
+        index = torch.randint(total, (_BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        sample = values[index].sort(descending=True).values
+        position = keep / total * _BRACKET_SAMPLE
+        margin = 4.0 * math.sqrt(position * (1.0 - keep / total)) + 8.0  # 4 sigma of a binomial rank
+        upper = sample[max(0, math.floor(position - margin))]
+        lower = sample[min(_BRACKET_SAMPLE - 1, math.ceil(position + margin))]
+        need = keep - int((values > upper).sum())  # the rank of the answer among values <= upper
+        if need >= 1:
+            band = values[(values >= lower) & (values <= upper)]
+            if need <= band.numel():
+                return band.kthvalue(band.numel() - need + 1).values
+    return values.kthvalue(total - keep + 1).values
+
+
 def top_mask_1d(keys: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
     """``_keep_first`` on 1-D keys without sorting everything: the same mask, in O(n).
 
-    The ``keep``-th largest primary key is found with ``kthvalue`` (on accelerators by a sort:
-    CUDA's kthvalue runs one block per slice, seconds on one 45M-entry slice, a radix sort
-    milliseconds); everything above it is kept, and only the weights tied with it are ranked (by
-    the other keys, then by index, as the stable sort would).
+    The ``keep``-th largest primary key is found by ``kth_largest``; everything above it is kept,
+    and only the weights tied with it are ranked (by the other keys, then by index, as the stable
+    sort would).
     """
     primary = keys[0]
     total = primary.numel()
     if keep <= 0 or keep >= total:
         return torch.full_like(primary, keep > 0, dtype=torch.bool)
-    if primary.device.type == "cpu":
-        threshold = primary.kthvalue(total - keep + 1).values
-    else:
-        threshold = primary.sort().values[total - keep]
+    threshold = kth_largest(primary, keep)
     mask = primary > threshold
     ties = (primary == threshold).nonzero().reshape(-1)
     missing = keep - int(mask.sum())
@@ -83,13 +112,42 @@ def row_mask(keys: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
     return _keep_first(list(keys), kept_count(keys[0].shape[-1], sparsity), dim=-1)
 
 
+# Groups up to this size are ranked by comparing every pair of positions instead of sorting
+_PAIRWISE_GROUP = 8
+
+
 def nm_mask(keys: Sequence[torch.Tensor], n: int, m: int) -> torch.Tensor:
     """Keep the n highest-ranked weights in each group of m consecutive inputs of a row."""
     rows, cols = keys[0].shape
     if cols % m:
         raise ValueError(f"{n}:{m} needs the input size to be a multiple of {m}, got {cols}")
     grouped = [k.reshape(rows, cols // m, m) for k in keys]
+    if m <= _PAIRWISE_GROUP:
+        return _keep_first_in_groups(grouped, n).reshape(rows, cols)
     return _keep_first(grouped, n, dim=-1).reshape(rows, cols)
+
+
+def _keep_first_in_groups(grouped: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
+    """``_keep_first`` along a short last dimension: an entry's rank is how many entries of its
+    group come before it in the stable order, from m(m-1)/2 comparisons of whole columns (6x
+    faster than sorting groups of 4 on a CPU core, and the same mask)."""
+    m = grouped[0].shape[-1]
+    ranks = [torch.zeros(grouped[0].shape[:-1], dtype=torch.uint8, device=grouped[0].device) for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1, m):
+            first = _comes_before([k[..., i] for k in grouped], [k[..., j] for k in grouped])
+            ranks[j] += first
+            ranks[i] += ~first
+    return torch.stack([rank < keep for rank in ranks], dim=-1)
+
+
+def _comes_before(earlier: Sequence[torch.Tensor], later: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Where the entry at the lower index ranks first: larger first key, ties by the next keys,
+    full ties by the index (as a stable descending sort orders them)."""
+    result = earlier[-1] >= later[-1]
+    for a, b in zip(reversed(earlier[:-1]), reversed(later[:-1])):
+        result = (a > b) | ((a == b) & result)
+    return result
 
 
 def first_step_key(first_step: torch.Tensor) -> torch.Tensor:
