@@ -4,7 +4,7 @@ Used in ``oneshot`` exactly like llm-compressor's ``SparseGPTModifier``: the sam
 (targets, ignore, sparsity, mask_structure "N:M" = N pruned of every M), the same Hessian
 accumulation hooks, so it runs in the same sequential pipeline on the same calibration data;
 each calibrated Linear is then pruned by ``unipruning_modifier.admm.alps``. ``quality.py
---methods alps`` builds it. At the end it logs where the time went (factorisation, ADMM, PCG).
+--methods alps`` builds it. At the end it logs where the time went (scaling XᵀX, ADMM, PCG).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import PrivateAttr
 
 from unipruning_modifier.admm import Budget, alps
 
-PHASES = ("factor", "admm", "pcg")
+PHASES = ("scale", "admm", "pcg")
 
 
 class ALPSModifier(SparsityModifierBase):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from unipruning_modifier.admm import Budget, admm, alps, eigen, normalize, pcg, penalty_step, project, ridge_inverse
+from unipruning_modifier.admm import Budget, admm, alps, normalize, pcg, penalty_step, project, ridge_solver
 from unipruning_modifier.reconstruction import dampen, exact_solve, least_squares, reconstruction_error
 
 BUDGETS = [Budget(0.5), Budget(0.7), Budget(0.6, per_row=True), Budget.parse(mask_structure="2:4"),
@@ -109,12 +109,15 @@ def test_weights_are_the_least_squares_fit_of_their_support(budget):
     torch.testing.assert_close(result.weight.double(), exact_solve(weight, gram, result.mask), rtol=1e-4, atol=1e-4)
 
 
-def test_ridge_inverse():
+@pytest.mark.parametrize("rows", [8, 32, 40], ids=lambda rows: f"rows{rows}")
+def test_ridge_solver(rows):
+    """Both ways of applying (H + rho I)^-1 (triangular solves for rows < in, the explicit
+    inverse otherwise) equal the fp64 inverse."""
     _, gram = layer()
     hessian, _ = normalize(gram)
-    values, vectors = eigen(hessian)
-    torch.testing.assert_close(ridge_inverse(values, vectors, 0.3), torch.linalg.inv(hessian + 0.3 * torch.eye(32)),
-                               rtol=1e-4, atol=1e-5)
+    matrix = torch.randn(rows, 32, generator=torch.Generator().manual_seed(1))
+    expected = matrix.double() @ torch.linalg.inv(hessian.double() + 0.3 * torch.eye(32, dtype=torch.float64))
+    torch.testing.assert_close(ridge_solver(hessian, 0.3, rows)(matrix).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_penalty_step():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .admm import Budget, Factor, factorize, solve
+from .admm import Budget, ScaledGram, scale_gram, solve
 from .distributed import gather_rows, reduce_mean, union_in_order
 from .mirror_descent import SaliencyState, mirror_descent_step
 from .reconstruction import accumulate_gram, default_iterations, least_squares
@@ -79,7 +79,7 @@ class InputStatistics:
         self.drift_tokens = 0  # fewer than tokens when the dense stream skips batches
         self.batches = 0
         self.reduced = False
-        self._factor: Factor | None = None
+        self._scaled: ScaledGram | None = None
 
     def accumulate(self, batch: int, inputs: torch.Tensor, dense: torch.Tensor | None) -> None:
         """Batch ``batch``'s inputs (and dense inputs), once however many Linears pass them."""
@@ -97,13 +97,13 @@ class InputStatistics:
             return None
         return torch.add(self.gram.to(device), self.drift.to(device), alpha=dense_target)
 
-    def factor(self, damping: float, dense_target: float, device: torch.device) -> Factor:
-        """``admm.factorize`` of XᵀX (and of the dense-target blend) on ``device``, once for every
+    def scaled(self, damping: float, dense_target: float, device: torch.device) -> ScaledGram:
+        """``admm.scale_gram`` of XᵀX (and of the dense-target blend) on ``device``, once for every
         Linear reading this input."""
-        if self._factor is None:
+        if self._scaled is None:
             gram = self.gram.to(device)
-            self._factor = factorize(gram, damping, self.target(dense_target, device))
-        return self._factor
+            self._scaled = scale_gram(gram, damping, self.target(dense_target, device))
+        return self._scaled
 
     def reduce(self, features: int, device: torch.device) -> None:
         """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish); a
@@ -206,7 +206,7 @@ class LayerCalibration:
             target = self.statistics.target(settings.dense_target, weight.device)
             return least_squares(weight, gram, mask, settings.damping, iterations, settings.tolerance, cross=target), mask
         found = solve(
-            weight, self.statistics.factor(settings.damping, settings.dense_target, weight.device), budget, rho=settings.admm_rho,
+            weight, self.statistics.scaled(settings.damping, settings.dense_target, weight.device), budget, rho=settings.admm_rho,
             max_iterations=settings.admm_iterations, update_every=ADMM_UPDATE_EVERY, pcg_iterations=iterations,
             pcg_tolerance=settings.tolerance, initial_mask=mask,
         )
