@@ -32,6 +32,20 @@ def test_gram_is_the_running_mean_of_outer_products():
     torch.testing.assert_close(gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize(("features", "first_block"), [(400, 256), (1000, 384)], ids=["2-blocks", "3-blocks"])
+def test_gram_of_wide_inputs_is_computed_on_blocks_and_mirrored(features, first_block):
+    """Past 384 inputs XᵀX is accumulated on its upper block triangle (2 and 3 blocks here); the
+    running mean still matches the fp64 product, and the mirrored blocks are exact transposes."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 60 + b, features, generator=g) for b in range(3)]
+    gram, count = None, 0
+    for batch in batches:
+        gram, count = accumulate_gram(batch, gram, count)
+    flat = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    torch.testing.assert_close(gram.double(), flat.T @ flat / count, rtol=1e-5, atol=1e-6)
+    assert torch.equal(gram[:first_block, first_block:], gram[first_block:, :first_block].T)
+
+
 def test_dampen_adds_fraction_of_mean_diagonal_and_fixes_dead_inputs():
     gram = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
     damped = dampen(gram, 0.1)

@@ -39,8 +39,27 @@ def accumulate_gram(
     if gram is None:
         gram = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=flat.device)
     total = count + tokens
-    gram.mul_(count / total).addmm_(flat.T, other, alpha=1.0 / total)
+    gram.mul_(count / total)
+    if paired is None:
+        _add_symmetric(gram, flat, 1.0 / total)
+    else:
+        gram.addmm_(flat.T, other, alpha=1.0 / total)
     return gram, total
+
+
+def _add_symmetric(gram: torch.Tensor, flat: torch.Tensor, alpha: float) -> None:
+    """gram += alpha · flatᵀ flat for a symmetric ``gram``: the products of the upper block triangle
+    only, mirrored below. With b column blocks that is (b + 1) / 2b of the work (0.6x the time of
+    one product at 1408 inputs on a CPU core); blocks of ~384 columns, at most 8."""
+    features = flat.shape[1]
+    count = min(8, math.ceil(features / 384))
+    width = 64 * math.ceil(features / count / 64)
+    blocks = [(start, min(start + width, features)) for start in range(0, features, width)]
+    for i, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[i:]:
+            gram[a0:a1, b0:b1].addmm_(flat[:, a0:a1].T, flat[:, b0:b1], alpha=alpha)
+            if b0 != a0:
+                gram[b0:b1, a0:a1] = gram[a0:a1, b0:b1].T
 
 
 def dampen(gram: torch.Tensor, fraction: float) -> torch.Tensor:
