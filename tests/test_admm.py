@@ -120,6 +120,17 @@ def test_ridge_solver(rows):
     torch.testing.assert_close(ridge_solver(hessian, 0.3, rows)(matrix).double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_ridge_solver_refactors_in_fp64_when_fp32_fails(monkeypatch):
+    """A failed fp32 Cholesky factor (reported by cholesky_ex) is redone in fp64."""
+    _, gram = layer()
+    hessian, _ = normalize(gram)
+    matrix = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    factor = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: (factor(m)[0] * float("nan"), torch.tensor(1)))
+    expected = matrix.double() @ torch.linalg.inv(hessian.double() + 0.3 * torch.eye(32, dtype=torch.float64))
+    torch.testing.assert_close(ridge_solver(hessian, 0.3, 8)(matrix).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_penalty_step():
     assert penalty_step(1.0, 20, 100, False) == (1.3, True, "continue")
     assert penalty_step(1.0, 1, 100, True) == pytest.approx((1.2, True, "continue"))
