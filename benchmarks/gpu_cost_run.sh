@@ -6,8 +6,9 @@
 # dependencies come as wheels in .whl/ (pip download ... --python-version 3.12, see
 # /work/.library/device/README.md), installed with --no-deps into /tmp/site.
 #   OUT=/tmp/out LIMIT=200 bash benchmarks/gpu_cost_run.sh
-# Writes OUT/cost14.jsonl: eigh / cholesky timings of the layer widths first (they decide how the
-# ADMM re-fit factorises XᵀX), then quality.py's lines; OUT/cost14.err: every part's stderr.
+# Writes OUT/cost14.jsonl: timings of the ADMM W-step's operations at the layer widths first (a
+# Cholesky factor per rho, then triangular solves or the explicit inverse: admm.ridge_solver), then
+# quality.py's lines; OUT/cost14.err: every part's stderr.
 # SHAPE and DEVICE override the model shape and device for a dry run on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,12 @@ python3 - >> "$OUT/cost14.jsonl" 2>> "$OUT/cost14.err" <<'EOF'
 import json, time, torch
 for n in (4096, 11008) if torch.cuda.is_available() else ():
     x = torch.randn(2 * n, n, device="cuda")
-    h = x.T @ x / x.shape[0]
-    for name, fn in (("eigh_fp64", lambda: torch.linalg.eigh(h.double())), ("eigh_fp32", lambda: torch.linalg.eigh(h)),
-                     ("cholesky_fp32", lambda: torch.linalg.cholesky(h + 0.01 * torch.eye(n, device="cuda")))):
+    h = x.T @ x / x.shape[0] + 0.01 * torch.eye(n, device="cuda")
+    lower = torch.linalg.cholesky(h)
+    w = torch.randn(4096, n, device="cuda")
+    for name, fn in (("cholesky_fp32", lambda: torch.linalg.cholesky(h)), ("cholesky_inverse", lambda: torch.cholesky_inverse(lower)),
+                     ("two_triangular_solves_4096_rows", lambda: torch.linalg.solve_triangular(lower, torch.linalg.solve_triangular(
+                         lower.T, w, upper=True, left=False), upper=False, left=False)), ("product_4096_rows", lambda: w @ h)):
         fn(); torch.cuda.synchronize(); t = time.perf_counter(); fn(); torch.cuda.synchronize()
         print(json.dumps({"op": name, "n": n, "seconds": time.perf_counter() - t}), flush=True)
 EOF
@@ -45,6 +49,7 @@ run() {  # run LABEL ARGS...: one quality.py process, capped by the time left
   timeout -k 5 "$limit" python3 benchmarks/quality.py "${common[@]}" "${@:2}" 2>> "$OUT/cost14.err" | cut -c1-200
 }
 run sparsegpt --methods sparsegpt
-run admm --methods unipruning --unipruning-args reconstruct=admm kappa=0.1 dense_target=0.3
-run shipped --methods unipruning --unipruning-args reconstruct=least_squares kappa=0.1 dense_target=0.3
+run shipped --methods unipruning --unipruning-args reconstruct=admm kappa=0.1 dense_target=0.3 dense_target_every=2
+run least_squares --methods unipruning --unipruning-args reconstruct=least_squares kappa=0.1 dense_target=0.3
 run sparsegpt2 --methods sparsegpt
+run alps --methods alps
