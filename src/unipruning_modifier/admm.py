@@ -101,6 +101,7 @@ def ridge_solver(hessian: torch.Tensor, rho: float, rows: int) -> Callable[[torc
     lower, info = torch.linalg.cholesky_ex(shifted)
     if int(info):
         lower = torch.linalg.cholesky(shifted.double()).to(hessian.dtype)
+    del shifted
     if rows >= hessian.shape[0]:
         inverse = torch.cholesky_inverse(lower)
         return lambda matrix: matrix @ inverse
@@ -198,7 +199,7 @@ def admm(
         if action == "restart":
             solution, split, dual = weight.clone(), start.clone(), torch.zeros_like(weight)
         if new_rho != rho:
-            rho = new_rho
+            rho, ridge = new_rho, None  # the old factor goes before the new one is made
             ridge = ridge_solver(gram, rho, weight.shape[0])
         if iteration > settle_after and changed < tolerance * kept:
             break

@@ -99,10 +99,12 @@ class InputStatistics:
 
     def scaled(self, damping: float, dense_target: float, device: torch.device) -> ScaledGram:
         """``admm.scale_gram`` of XᵀX (and of the dense-target blend) on ``device``, once for every
-        Linear reading this input."""
+        Linear reading this input; XᵀX and the drift are dropped then (each Linear of the input
+        re-fits from the scaled copy), so two in × in matrices are held, not four."""
         if self._scaled is None:
             gram = self.gram.to(device)
             self._scaled = scale_gram(gram, damping, self.target(dense_target, device))
+            self.gram = self.drift = None
         return self._scaled
 
     def reduce(self, features: int, device: torch.device) -> None:

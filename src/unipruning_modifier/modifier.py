@@ -246,7 +246,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             check_matches(info, list(self._targets), linear, self.load_saliency)
             records, _ = load_saliency(self.load_saliency, list(self._targets), info=info)
             logger.info(f"UniPruning: masks from {self.load_saliency} ({len(records)} layers), no calibration")
-            self._apply_masks(self._policy.file_masks(records), records)
+            self._apply_masks(self._policy.file_masks(records))
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -296,7 +296,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             self._write_saliency(state.model)
         if self._waiting:
             records, self._waiting = self._waiting, {}
-            self._apply_masks(self._policy.masks(records), records)
+            self._apply_masks(self._policy.masks(records))
         self.remove_hooks()
         self._stream = None
         if self.block_feedback > 0 and self._pruned:
@@ -357,14 +357,16 @@ class UniPruningModifier(Modifier, MaskSettings):
         (or keep its saliency until every layer is calibrated, for a saliency file or a global budget)."""
         self._inputs_seen = []
         records = finish_layers(self._layers, self._targets, self.calibration_settings(), distributed.device())
-        for name, record in records.items():
-            calibration = self._layers[name]
+        for name in list(records):
+            record = records.pop(name)  # dropped as soon as its mask is taken: one layer's saliency at a time
             if self.calibration_inputs == "dense" or self._policy.needs_all_layers:
                 dtype = STORAGE_DTYPES[self.saliency_dtype] if self.calibration_inputs == "dense" else torch.bfloat16
                 self._waiting[name] = record.to("cpu", dtype)
-                calibration.offload()
+                self._layers[name].offload()
             else:
-                self._apply_masks({name: self._policy.layer_mask(name, self._policy.keys(record))}, {name: record})
+                mask, steps = self._policy.layer_mask(name, self._policy.keys(record)), record.steps
+                del record
+                self._apply_masks({name: mask}, steps)
 
     def _write_saliency(self, model: torch.nn.Module) -> None:
         settings = ("metric", "kappa", "lam", "beta", "exponent", "seed", "targets", "ignore", "calibration_inputs")
@@ -377,9 +379,10 @@ class UniPruningModifier(Modifier, MaskSettings):
         save_saliency(self.save_saliency, self._waiting, metadata)
         logger.info(f"UniPruning: saliency of {len(self._waiting)} layers written to {self.save_saliency}")
 
-    def _apply_masks(self, masks: dict[str, torch.Tensor], records: dict[str, LayerSaliency]) -> None:
+    def _apply_masks(self, masks: dict[str, torch.Tensor], steps: int | None = None) -> None:
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
-        ``reconstruct`` re-fits them to the layer's calibration outputs."""
+        ``reconstruct`` re-fits them to the layer's calibration outputs. ``steps``: the calibration
+        batches behind a single layer's mask, for the log."""
         refit = RefitSettings(
             self.reconstruct, self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target,
             self.admm_iterations, self.admm_rho,
@@ -388,9 +391,9 @@ class UniPruningModifier(Modifier, MaskSettings):
 
         def pruned(name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             mask, calibration = masks[name].to(weight.device), calibrations[name]
-            if calibration is None or calibration.gram is None:
+            if calibration is None or calibration.statistics is None:
                 return weight.masked_fill(~mask, 0), mask
-            if calibration.drift is None and self.dense_target > 0:
+            if calibration.statistics.drift_tokens == 0 and self.dense_target > 0:
                 logger.warning(f"UniPruning {name}: no dense-model inputs (not inside a decoder layer); re-fit to the layer's own outputs")
             fitted, mask = calibration.refit(weight, mask, refit, self._policy.budget(name, mask))
             return fitted.to(weight.dtype).masked_fill(~mask, 0), mask
@@ -399,7 +402,6 @@ class UniPruningModifier(Modifier, MaskSettings):
         for name, mask in written.items():
             self._pruned.add(name)
             achieved = 1.0 - mask.sum().item() / mask.numel()
-            steps = records[name].steps if not self._policy.needs_all_layers else None
             logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {steps} batches' if steps is not None else ''}")
 
 
