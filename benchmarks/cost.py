@@ -8,8 +8,9 @@ A size ``HxL`` is a Llama with hidden size H, intermediate 2.6875·H rounded up 
 128 (Llama-2's ratio), L decoder layers, H/64 heads, random bf16 weights (make_llama.build;
 cost depends on the shapes only). Every (size, method) runs in its own process
 (``quality.py --no-dense``, 50 % unstructured, perplexity on one short window only), so peak
-memory is that run's alone. ``unipruning`` is the paper's method (mask only), ``unipruning_ls``
-the shipped recipes' setting (``reconstruct: least_squares``). JSON lines go to stdout (and
+memory is that run's alone. ``unipruning`` is the paper's method (mask only), ``unipruning_admm``
+the shipped recipes' setting (``reconstruct: admm`` with ``dense_target``), ``unipruning_ls`` the
+previous recipes' (``reconstruct: least_squares``), ``alps`` benchmarks/alps.py. JSON lines go to stdout (and
 ``--output``) with ``params``, ``hidden``, ``layers`` added; ``--plot`` draws seconds and
 peak memory against parameters for the sizes of the smallest depth (the width sweep);
 ``--replot JSONL --plot PNG`` redraws from earlier lines.
@@ -36,6 +37,9 @@ METHODS = {
     "magnitude": ["--methods", "magnitude"],
     "unipruning": ["--methods", "unipruning", "--unipruning-args", "reconstruct=none"],
     "unipruning_ls": ["--methods", "unipruning", "--unipruning-args", "reconstruct=least_squares"],
+    "unipruning_admm": ["--methods", "unipruning", "--unipruning-args", "reconstruct=admm", "kappa=0.1", "dense_target=0.3",
+                        "dense_target_every=2"],
+    "alps": ["--methods", "alps"],
 }
 
 
@@ -56,6 +60,7 @@ def run(model: Path, method: str, args) -> dict:
         "--calib", args.calib, "--eval", args.calib, "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--eval-window", "128", "--eval-tokens", "128",
         "--dtype", args.dtype, *(["--device", args.device] if args.device else []),
+        *(["--threads", str(args.threads)] if args.threads else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (None: torch's own count)")
     parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
     parser.add_argument("--plot", default=None, metavar="PNG")
     parser.add_argument("--replot", default=None, metavar="JSONL", help="only draw --plot from lines of an earlier run")
