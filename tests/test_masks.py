@@ -397,15 +397,18 @@ def test_global_allocation_matches_brute_force_exactly_without_ties(sparsity):
     assert keep == masks.global_allocation(scores, sparsity)  # clamp None behaves like 1.0
 
 
-@pytest.mark.parametrize("levels", [3, 50, 100000])
+@pytest.mark.parametrize("levels", [3, 50, 100000, None])
 @pytest.mark.parametrize("nkeys", [1, 2, 3])
-def test_top_mask_1d_equals_the_stable_sort(levels, nkeys):
-    """The threshold path keeps exactly what the full lexicographic sort keeps, ties included."""
+@pytest.mark.parametrize("total", [5000, 70000], ids=["small", "bracketed"])
+def test_top_mask_1d_equals_the_stable_sort(levels, nkeys, total):
+    """The threshold path keeps exactly what the full lexicographic sort keeps, ties (few
+    levels) included, below and above the size where kth_largest brackets."""
     from unipruning_modifier.masks import _keep_first, top_mask_1d
 
-    gen = torch.Generator().manual_seed(levels + nkeys)
-    keys = [torch.randint(0, levels, (5000,), generator=gen).float() for _ in range(nkeys)]
-    for keep in (0, 1, 777, 2500, 4999, 5000):
+    gen = torch.Generator().manual_seed((levels or 7) + nkeys)
+    draw = (lambda: torch.rand(total, generator=gen)) if levels is None else (lambda: torch.randint(0, levels, (total,), generator=gen).float())
+    keys = [draw() for _ in range(nkeys)]
+    for keep in (0, 1, 777, total // 2, total - 1, total):
         assert torch.equal(top_mask_1d(keys, keep), _keep_first(keys, keep)), keep
 
 
@@ -424,7 +427,9 @@ def test_kth_largest_is_exact_on_large_inputs(kind):
         "skewed": lambda: torch.randn(total, generator=gen).exp().pow(4) * (torch.arange(total) % 512 == 0),
     }[kind]()
     for keep in (1, 2, 100, total // 3, total // 2, total - 100, total - 1, total):
-        assert torch.equal(kth_largest(values, keep), values.kthvalue(total - keep + 1).values), keep
+        threshold, all_ties_fit = kth_largest(values, keep)
+        assert torch.equal(threshold, values.kthvalue(total - keep + 1).values), keep
+        assert not all_ties_fit or int((values >= threshold).sum()) == keep, keep
 
 
 def test_kth_largest_falls_back_when_the_sample_misses(monkeypatch):
@@ -436,7 +441,7 @@ def test_kth_largest_falls_back_when_the_sample_misses(monkeypatch):
     top = values.argsort(descending=True)[: masks._BRACKET_SAMPLE]
     monkeypatch.setattr(masks.torch, "randint", lambda *args, **kwargs: top)
     for keep in (10, values.numel() // 2):
-        assert torch.equal(masks.kth_largest(values, keep), values.kthvalue(values.numel() - keep + 1).values)
+        assert torch.equal(masks.kth_largest(values, keep)[0], values.kthvalue(values.numel() - keep + 1).values)
 
 
 # --------------------------------------------------------------------------- OWL allocation

@@ -49,19 +49,22 @@ _BRACKET_FROM = 1 << 16
 _BRACKET_SAMPLE = 4096
 
 
-def kth_largest(values: torch.Tensor, keep: int) -> torch.Tensor:
-    """The ``keep``-th largest entry of 1-D ``values`` (1 <= keep <= numel), exactly, as a 0-dim tensor.
+def kth_largest(values: torch.Tensor, keep: int) -> tuple[torch.Tensor, bool]:
+    """(the ``keep``-th largest entry of 1-D ``values`` (1 <= keep <= numel) as a 0-dim tensor,
+    exact), and whether exactly ``keep`` entries are >= it (no tie crosses the boundary), where
+    that came for free (else False).
 
     On the CPU, large inputs take the bracket route: the order statistics of a small sample (fixed
     seed) around the wanted rank bound a narrow value band; one pass counts the values above it,
     and the answer is found among the few values inside it (on ADMM's iterates about a third of
     the time kthvalue takes over the whole input). When the sample misses (the band is 4 standard
-    deviations of the sampled rank wide: rarely), the whole input is searched. On accelerators a sort (CUDA's
-    kthvalue runs one block per slice: seconds on one 45M-entry slice, a radix sort milliseconds).
+    deviations of the sampled rank wide: rarely), the whole input is searched. On accelerators a
+    sort (CUDA's kthvalue runs one block per slice: seconds on one 45M-entry slice, a radix sort
+    milliseconds).
     """
     total = values.numel()
     if values.device.type != "cpu":
-        return values.sort().values[total - keep]
+        return values.sort().values[total - keep], False
     if total >= _BRACKET_FROM:
         index = torch.randint(total, (_BRACKET_SAMPLE,), generator=torch.Generator().manual_seed(0))
         sample = values[index].sort(descending=True).values
@@ -69,12 +72,14 @@ def kth_largest(values: torch.Tensor, keep: int) -> torch.Tensor:
         margin = 4.0 * math.sqrt(position * (1.0 - keep / total)) + 8.0  # 4 sigma of a binomial rank
         upper = sample[max(0, math.floor(position - margin))]
         lower = sample[min(_BRACKET_SAMPLE - 1, math.ceil(position + margin))]
-        need = keep - int((values > upper).sum())  # the rank of the answer among values <= upper
+        above = int((values > upper).sum())
+        need = keep - above  # the rank of the answer among values <= upper
         if need >= 1:
             band = values[(values >= lower) & (values <= upper)]
             if need <= band.numel():
-                return band.kthvalue(band.numel() - need + 1).values
-    return values.kthvalue(total - keep + 1).values
+                threshold = band.kthvalue(band.numel() - need + 1).values
+                return threshold, above + int((band >= threshold).sum()) == keep
+    return values.kthvalue(total - keep + 1).values, False
 
 
 def top_mask_1d(keys: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
@@ -82,13 +87,15 @@ def top_mask_1d(keys: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
 
     The ``keep``-th largest primary key is found by ``kth_largest``; everything above it is kept,
     and only the weights tied with it are ranked (by the other keys, then by index, as the stable
-    sort would).
+    sort would) when not all of them fit.
     """
     primary = keys[0]
     total = primary.numel()
     if keep <= 0 or keep >= total:
         return torch.full_like(primary, keep > 0, dtype=torch.bool)
-    threshold = kth_largest(primary, keep)
+    threshold, all_ties_fit = kth_largest(primary, keep)
+    if all_ties_fit:
+        return primary >= threshold
     mask = primary > threshold
     ties = (primary == threshold).nonzero().reshape(-1)
     missing = keep - int(mask.sum())
