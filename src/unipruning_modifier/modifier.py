@@ -246,7 +246,8 @@ class UniPruningModifier(Modifier, MaskSettings):
             check_matches(info, list(self._targets), linear, self.load_saliency)
             records, _ = load_saliency(self.load_saliency, list(self._targets), info=info)
             logger.info(f"UniPruning: masks from {self.load_saliency} ({len(records)} layers), no calibration")
-            self._apply_masks(self._policy.file_masks(records))
+            steps = {} if self._policy.needs_all_layers else {name: record.steps for name, record in records.items()}
+            self._apply_masks(self._policy.file_masks(records), steps)
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -364,7 +365,7 @@ class UniPruningModifier(Modifier, MaskSettings):
                 self._waiting[name] = record.to("cpu", dtype)
                 self._layers[name].offload()
             else:
-                mask, steps = self._policy.layer_mask(name, self._policy.keys(record)), record.steps
+                mask, steps = self._policy.layer_mask(name, self._policy.keys(record)), {name: record.steps}
                 del record
                 self._apply_masks({name: mask}, steps)
 
@@ -379,10 +380,10 @@ class UniPruningModifier(Modifier, MaskSettings):
         save_saliency(self.save_saliency, self._waiting, metadata)
         logger.info(f"UniPruning: saliency of {len(self._waiting)} layers written to {self.save_saliency}")
 
-    def _apply_masks(self, masks: dict[str, torch.Tensor], steps: int | None = None) -> None:
+    def _apply_masks(self, masks: dict[str, torch.Tensor], steps: dict[str, int | None] | None = None) -> None:
         """Zero the pruned weights. Kept weights keep their original values bit for bit, unless
-        ``reconstruct`` re-fits them to the layer's calibration outputs. ``steps``: the calibration
-        batches behind a single layer's mask, for the log."""
+        ``reconstruct`` re-fits them to the layer's calibration outputs. ``steps``: the
+        calibration batches behind each layer's own mask, for the log."""
         refit = RefitSettings(
             self.reconstruct, self.damping, self.reconstruct_iterations, self.reconstruct_tolerance, self.dense_target,
             self.admm_iterations, self.admm_rho,
@@ -402,7 +403,8 @@ class UniPruningModifier(Modifier, MaskSettings):
         for name, mask in written.items():
             self._pruned.add(name)
             achieved = 1.0 - mask.sum().item() / mask.numel()
-            logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {steps} batches' if steps is not None else ''}")
+            batches = (steps or {}).get(name)
+            logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {batches} batches' if batches is not None else ''}")
 
 
 register(UniPruningModifier)
