@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unipruning_modifier import UniPruningModifier
-from unipruning_modifier.dense_stream import DenseStream, hidden_states
+from unipruning_modifier.dense_stream import SAME_INPUTS, DenseStream, hidden_states
 
 from .conftest import load, run_oneshot
 
@@ -61,6 +61,10 @@ def test_dense_stream_gives_each_layer_the_dense_models_inputs(tiny_model_path, 
             for batch, (args, kwargs) in enumerate(calls[index]):
                 seen = stream.run(index, layer, (pruned_inputs[batch], *args[1:]), kwargs, linears)
                 assert set(seen) == set(linears.values())
+                if index == 0:  # both streams' inputs: the pipeline's calibration forward is the dense run
+                    assert all(dense is SAME_INPUTS for dense in seen.values())
+                    stream.keep_output(layer(pruned_inputs[batch], *args[1:], **kwargs))
+                    continue
                 for name, dense in seen.items():
                     torch.testing.assert_close(dense, expected[name][batch], rtol=1e-4, atol=1e-5, msg=f"{name} batch {batch}")
             for linear in linears:  # prune the layer, as the pipeline does before propagating
@@ -93,6 +97,20 @@ def test_layers_outside_the_stream_fall_back_with_a_warning(tiny_model_path, cal
     assert (model.lm_head.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
     warnings = [m for m in caplog_loguru if "no dense-model inputs" in m]
     assert len(warnings) == 1 and "lm_head" in warnings[0]
+
+
+def test_first_layer_output_is_kept_only_for_batches_the_stream_runs():
+    stream = DenseStream(layers=3, every=2)
+    layer = torch.nn.Linear(4, 4)
+    linears = {layer: "model.layers.0.proj"}
+    outputs = [torch.full((1, 2, 4), float(batch)) for batch in range(3)]
+    for batch, output in enumerate(outputs):
+        seen = stream.run(0, layer, (torch.ones(1, 2, 4),), {}, linears)
+        assert seen == ({"model.layers.0.proj": SAME_INPUTS} if batch % 2 == 0 else {})
+        stream.keep_output(output)
+    second = torch.nn.Sequential(torch.nn.Identity())
+    seen = [stream.run(1, second, (torch.zeros(1, 2, 4),), {}, {second[0]: "model.layers.1.proj"}) for _ in range(3)]
+    assert [s["model.layers.1.proj"][0, 0, 0].item() if s else None for s in seen] == [0.0, None, 2.0]
 
 
 def test_missing_dense_input_names_the_layer_and_batch():

@@ -5,16 +5,28 @@ layers 0..l-1. For ``dense_target`` above 0 the re-fit of a layer also needs wha
 inputs would be in the dense model, so that it can aim at the dense model's outputs and so
 correct the error the earlier layers left. ``DenseStream`` keeps that second stream: when a
 decoder layer is about to run on batch b, ``run`` first runs the same layer, weights still
-dense, on the dense input of batch b (the pruned input for the first layer, where both are
-equal), returns the inputs its Linear layers saw in that run (captured by the stream's own
-temporary hooks) and keeps the dense output as the next layer's dense input.
+dense, on the dense input of batch b, returns the inputs its Linear layers saw in that run
+(captured by the stream's own temporary hooks) and keeps the dense output as the next layer's
+dense input. The first layer's dense and pruned inputs are equal, so there the pipeline's own
+calibration forward is the dense run: ``run`` returns ``SAME_INPUTS`` for its Linear layers
+and ``keep_output`` takes the output of that forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["DenseStream", "check_chain", "hidden_states"]
+__all__ = ["SAME_INPUTS", "DenseStream", "check_chain", "hidden_states"]
+
+
+class _SameInputs:
+    """Marker: a Linear's dense-model inputs are the very inputs it is calibrated on."""
+
+    def __repr__(self) -> str:
+        return "SAME_INPUTS"
+
+
+SAME_INPUTS = _SameInputs()
 
 
 def hidden_states(output):
@@ -45,33 +57,36 @@ class DenseStream:
         self._first = first_batch  # global index of this rank's first batch (data-parallel ranks)
         self._inputs: dict[int, dict[int, torch.Tensor]] = {}
         self._batches: dict[int, int] = {}
+        self._first_layer_batch: int | None = None  # the batch whose first-layer output is awaited
 
     def run(
         self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict, linears: dict[torch.nn.Module, str]
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor | _SameInputs]:
         """Run ``module`` (decoder layer ``layer``, not yet pruned) on the dense input of the batch
         whose pruned input is in ``args``/``kwargs``; the inputs of ``linears`` (module -> name)
         during that run, by name. Only every ``every``-th batch (by global index) runs (the others
-        return {}). The caller keeps other hooks from seeing the run."""
+        return {}). The first layer does not run here: its Linear layers get ``SAME_INPUTS`` and
+        the caller passes the output of its calibration forward to ``keep_output``. The caller
+        keeps other hooks from seeing the run."""
         batch = self._batches.get(layer, 0)
         self._batches[layer] = batch + 1
         if (self._first + batch) % self._every:
             return {}
+        if layer == 0:
+            self._first_layer_batch = batch
+            return {name: SAME_INPUTS for name in linears.values()}
         positional = len(args) > 0
         pruned = args[0] if positional else kwargs["hidden_states"]
-        if layer == 0:
-            dense = pruned
-        else:
-            waiting = self._inputs.get(layer, {})
-            stored = waiting.pop(batch, None)
-            if stored is None:
-                raise RuntimeError(
-                    f"dense_target: no dense input for decoder layer {layer}, batch {batch}; the decoder layers "
-                    "must each see every batch, in order (llm-compressor's sequential pipeline)"
-                )
-            if not waiting:
-                self._inputs.pop(layer, None)
-            dense = stored.to(pruned.device)
+        waiting = self._inputs.get(layer, {})
+        stored = waiting.pop(batch, None)
+        if stored is None:
+            raise RuntimeError(
+                f"dense_target: no dense input for decoder layer {layer}, batch {batch}; the decoder layers "
+                "must each see every batch, in order (llm-compressor's sequential pipeline)"
+            )
+        if not waiting:
+            self._inputs.pop(layer, None)
+        dense = stored.to(pruned.device)
         if positional:
             args = (dense, *args[1:])
         else:
@@ -86,6 +101,17 @@ class DenseStream:
         finally:
             for handle in handles:
                 handle.remove()
-        if layer + 1 < self._count:
-            self._inputs.setdefault(layer + 1, {})[batch] = hidden_states(output).detach().to(self._offload)
+        self._keep(layer + 1, batch, output)
         return captured
+
+    def keep_output(self, output) -> None:
+        """The first decoder layer's output on the batch ``run`` last passed (its calibration
+        forward, weights still dense, on inputs both streams share): the second layer's dense
+        input. Batches ``run`` skipped are ignored."""
+        batch, self._first_layer_batch = self._first_layer_batch, None
+        if batch is not None:
+            self._keep(1, batch, output)
+
+    def _keep(self, layer: int, batch: int, output) -> None:
+        if layer < self._count:
+            self._inputs.setdefault(layer, {})[batch] = hidden_states(output).detach().to(self._offload)

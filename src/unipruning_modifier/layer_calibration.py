@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .admm import Budget, ScaledGram, scale_gram, solve
+from .dense_stream import SAME_INPUTS
 from .distributed import gather_rows, reduce_mean, union_in_order
 from .mirror_descent import SaliencyState, mirror_descent_step
 from .reconstruction import accumulate_gram, default_iterations, least_squares
@@ -81,11 +82,17 @@ class InputStatistics:
         self.reduced = False
         self._scaled: ScaledGram | None = None
 
-    def accumulate(self, batch: int, inputs: torch.Tensor, dense: torch.Tensor | None) -> None:
+    def accumulate(self, batch: int, inputs: torch.Tensor, dense) -> None:
         """Batch ``batch``'s inputs (and dense inputs), once however many Linears pass them."""
         if batch < self.batches:
             return
-        if dense is not None:
+        if dense is SAME_INPUTS:  # first decoder layer: no drift, nothing to multiply
+            tokens = inputs.numel() // inputs.shape[-1]
+            if self.drift is None:
+                self.drift = inputs.new_zeros((inputs.shape[-1],) * 2, dtype=torch.float32)
+            self.drift.mul_(self.drift_tokens / (self.drift_tokens + tokens))
+            self.drift_tokens += tokens
+        elif dense is not None:
             drift = dense.to(inputs.device, torch.float32) - inputs.float()
             self.drift, self.drift_tokens = accumulate_gram(inputs, self.drift, self.drift_tokens, paired=drift)
         self.gram, self.tokens = accumulate_gram(inputs, self.gram, self.tokens)
@@ -138,7 +145,6 @@ class LayerCalibration:
         self.saliency: SaliencyState | None = SaliencyState.zeros(shape, device, settings.track_first_step)
         self.generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(name.encode()))
         self.statistics = statistics if statistics is not None or not settings.gram else InputStatistics()
-        self.dense_inputs: torch.Tensor | None = None  # the next batch's inputs in the dense model
         self.feedback: torch.Tensor | None = None  # the next batch's anchor factor (block_feedback)
 
     @property
@@ -154,16 +160,16 @@ class LayerCalibration:
         """True until ``finish``."""
         return self.saliency is not None
 
-    def observe(self, weight: torch.Tensor, inputs: torch.Tensor) -> None:
+    def observe(self, weight: torch.Tensor, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """One calibration batch: a mirror-descent step (deferred: its activation energy) and,
-        for a re-fit, the Gram matrices."""
+        for a re-fit, the Gram matrices (with the drift when the dense model's inputs ``dense``
+        of the same tokens are given, or ``SAME_INPUTS``)."""
         energy = activation_energy(inputs)
         if self.settings.deferred:
             self.energies.append(energy)
         else:
             self._step(weight, energy)
         batch, self.seen = self.seen, self.seen + 1
-        dense, self.dense_inputs = self.dense_inputs, None
         if self.statistics is not None:
             self.statistics.accumulate(batch, inputs, dense)
 

@@ -131,6 +131,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     _inputs_seen: list[tuple[torch.Tensor, InputStatistics, str]] = PrivateAttr(default_factory=list)
     _decoder_layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _stream: DenseStream | None = PrivateAttr(default=None)
+    _dense_inputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)  # this batch's (or SAME_INPUTS), until calibrated
     _feedback_runs: int = PrivateAttr(default=0)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _fingerprint: str | None = PrivateAttr(default=None)
@@ -256,21 +257,25 @@ class UniPruningModifier(Modifier, MaskSettings):
         for layer in self._decoder_layers:
             if self._stream is not None:
                 self.register_hook(layer, self._run_dense, "forward_pre", with_kwargs=True)
+                if self._layer_index(layer) == 0:
+                    self.register_hook(layer, self._keep_dense_output, "forward")
             if self.block_feedback > 0 and self._targets_in(layer):
                 self.register_hook(layer, self._run_feedback, "forward_pre", with_kwargs=True)
 
     def _calibrate(self, module: torch.nn.Module, args, _output):
         """Forward hook of a target Linear: one calibration step of this layer on this batch."""
-        self._calibration(self._names[module], module, args[0]).observe(module.weight, args[0])
+        name = self._names[module]
+        self._calibration(name, module, args[0]).observe(module.weight, args[0], self._dense_inputs.pop(name, None))
 
     def _run_dense(self, layer: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: the same batch through the dense model first,
         unseen by any hook; the Linear layers' dense inputs wait for their calibration step."""
         with HooksMixin.disable_hooks():
-            inputs = self._stream.run(self._layer_index(layer), layer, args, kwargs, self._targets_in(layer))
-        modules = {name: module for module, name in self._targets_in(layer).items()}
-        for name, dense in inputs.items():
-            self._calibration(name, modules[name], dense).dense_inputs = dense
+            self._dense_inputs.update(self._stream.run(self._layer_index(layer), layer, args, kwargs, self._targets_in(layer)))
+
+    def _keep_dense_output(self, _layer: torch.nn.Module, _args, output):
+        """Forward hook of the first decoder layer: its calibration output is the dense model's."""
+        self._stream.keep_output(output)
 
     def _run_feedback(self, layer: torch.nn.Module, args, kwargs):
         """Forward pre-hook of a decoder layer: anchor factors for this batch from the layer's
@@ -299,7 +304,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             records, self._waiting = self._waiting, {}
             self._apply_masks(self._policy.masks(records))
         self.remove_hooks()
-        self._stream = None
+        self._stream, self._dense_inputs = None, {}
         if self.block_feedback > 0 and self._pruned:
             if self._feedback_runs:
                 logger.info(f"UniPruning: block_feedback ran {self._feedback_runs} times (decoder layer x batch)")
@@ -314,7 +319,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         if self._pruned and isinstance(state.model, PreTrainedModel):
             mark_sparse(state.model, sorted(self._pruned), structure_name(*self.nm), self.targets, self.ignore)
         missed = sorted(set(self._targets) - self._pruned)
-        self._layers, self._waiting, self._stream, self._inputs_seen = {}, {}, None, []
+        self._layers, self._waiting, self._stream, self._inputs_seen, self._dense_inputs = {}, {}, None, [], {}
         if missed:
             raise RuntimeError(
                 f"UniPruningModifier: {len(missed)} target layers saw no calibration data and were not "
