@@ -139,3 +139,22 @@ def test_cli_nproc_bad_argument_is_one_error_line(tmp_path):
         "unipruning prune: error: --model /nonexistent/model: no such folder"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_save_failing_on_rank_0_ends_the_run(tmp_path):
+    """Rank 0 cannot write the shard (here a folder sits at its path; on a full disk, the same
+    error): the run fails with that error instead of hanging, the other rank waiting in one of
+    llm-compressor's collectives while rank 0 waited in save_sparse's barrier."""
+    if not Path(data.demo_model_path(), "config.json").is_file() or not Path(data.demo_calibration_text()).is_file():
+        pytest.skip("the demo model or its calibration text is not installed")
+    (tmp_path / "layer-0.5-checkpoint" / "model.safetensors").mkdir(parents=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
+    cases = json.dumps({"layer-0.5": {"sparsity": 0.5}})
+    try:
+        done = subprocess.run(
+            [*launch, str(WORKER), str(tmp_path), cases], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks still wait for each other 300 s after rank 0's save failed")
+    assert done.returncode != 0
+    assert "[rank0]" in done.stderr and "Is a directory" in done.stderr, done.stderr[-3000:]

@@ -196,11 +196,12 @@ def _wrap_save_pretrained(model: torch.nn.Module) -> None:
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, sparse_format: str | None = None, **kwargs):
         # in a process group every rank calls this (llm-compressor's save is collective too):
-        # rank 0 rewrites the folder, and no rank returns before it is done
-        try:
-            return _save(save_directory, *args, sparse_format=sparse_format, **kwargs)
-        finally:
-            _barrier()
+        # rank 0 rewrites the folder, and no rank returns before it is done. A rank that fails
+        # raises at once, without the barrier: the others may wait in one of llm-compressor's
+        # collectives, which a barrier would never match; its exit makes torchrun stop them
+        written = _save(save_directory, *args, sparse_format=sparse_format, **kwargs)
+        _barrier()
+        return written
 
     def _save(save_directory, *args, sparse_format: str | None = None, **kwargs):
         rewrite = kwargs.get("save_compressed", True) and sparse_format != "dense" and _is_main_process()
