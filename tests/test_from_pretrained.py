@@ -9,9 +9,11 @@ a package registry their tests skip with pip's message.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from unipruning_modifier.checkpoint.files import DamagedFileError, check_header
 from .conftest import REPO, linear_weights
 from .test_checkpoint_compat import NETWORK_ERRORS
 from .test_integrity import prune_24
+from .vllm_env import cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZED = {"fp8_24": "FP8_DYNAMIC", "w8a8_24": "W8A8", "w4a16_24": "W4A16", "fp8_unstructured": "FP8_DYNAMIC"}
@@ -170,11 +173,11 @@ def overlay_python(version: str) -> Path:
     whichever of its requirements this environment does not meet (e.g. 5.15's tokenizers <= 0.23.0);
     cached, built in a temporary folder and renamed into place."""
     key = hashlib.sha256(f"{sys.prefix}:{version}".encode()).hexdigest()[:10]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unipruning-modifier"
-    venv = cache / f"transformers-{version}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    venv = cache_dir() / f"transformers-{version}-py{sys.version_info.major}{sys.version_info.minor}-{key}"
     python = venv / "bin" / "python"
     if (venv / "READY").is_file():
         return python
+    _remove_orphaned_overlays()
     partial = venv.with_name(f"{venv.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(partial)], check=True, capture_output=True)
@@ -191,6 +194,15 @@ def overlay_python(version: str) -> Path:
     except OSError:  # another run built it meanwhile
         shutil.rmtree(partial, ignore_errors=True)
     return python
+
+
+def _remove_orphaned_overlays() -> None:
+    """Delete cached overlays whose base environment is gone (CI builds a new one per run, so
+    each run would otherwise leave three ~125 MB folders behind)."""
+    for pth in cache_dir().glob("transformers-*/lib/python3*/site-packages/this-environment.pth"):
+        base = re.search(r"addsitedir\((.*)\)", pth.read_text())
+        if base is None or not Path(ast.literal_eval(base.group(1))).is_dir():
+            shutil.rmtree(pth.parents[3], ignore_errors=True)
 
 
 def _pip_into(venv: Path, *requirements: str) -> None:

