@@ -56,7 +56,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run(model: Path, method: str, args) -> dict:
     command = [
-        sys.executable, str(HERE / "quality.py"), str(model), *METHODS[method], "--configs", "0.5", "--no-dense",
+        sys.executable, str(HERE / "quality.py"), str(model), *METHODS[method],
+        *(args.unipruning_args if "--unipruning-args" in METHODS[method] else []), "--configs", "0.5", "--no-dense",
         "--calib", args.calib, "--eval", args.calib, "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--eval-window", "128", "--eval-tokens", "128",
         "--dtype", args.dtype, *(["--device", args.device] if args.device else []),
@@ -85,6 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (None: torch's own count)")
+    parser.add_argument(
+        "--unipruning-args", nargs="+", default=[], metavar="KEY=VALUE",
+        help="added to the UniPruning methods' fields, e.g. admm_iterations=1 reconstruct_iterations=1 for a "
+        "peak-memory-only run (every iteration allocates the same buffers)",
+    )
     parser.add_argument("--output", default=None, help="JSONL file the lines are appended to")
     parser.add_argument("--plot", default=None, metavar="PNG")
     parser.add_argument("--replot", default=None, metavar="JSONL", help="only draw --plot from lines of an earlier run")
