@@ -86,12 +86,10 @@ class InputStatistics:
         """Batch ``batch``'s inputs (and dense inputs), once however many Linears pass them."""
         if batch < self.batches:
             return
-        if dense is SAME_INPUTS:  # first decoder layer: no drift, nothing to multiply
-            tokens = inputs.numel() // inputs.shape[-1]
+        if dense is SAME_INPUTS:  # first decoder layer: the drift is zero, only its tokens count
             if self.drift is None:
                 self.drift = inputs.new_zeros((inputs.shape[-1],) * 2, dtype=torch.float32)
-            self.drift.mul_(self.drift_tokens / (self.drift_tokens + tokens))
-            self.drift_tokens += tokens
+            self.drift_tokens += inputs.numel() // inputs.shape[-1]
         elif dense is not None:
             drift = dense.to(inputs.device, torch.float32) - inputs.float()
             self.drift, self.drift_tokens = accumulate_gram(inputs, self.drift, self.drift_tokens, paired=drift)
