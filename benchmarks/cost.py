@@ -56,7 +56,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run(model: Path, method: str, args) -> dict:
     command = [
-        sys.executable, str(HERE / "quality.py"), str(model), *METHODS[method],
+        sys.executable, str(HERE / "quality.py"), str(model), *METHODS[method],  # its --unipruning-args come last: ours extend them
         *(args.unipruning_args if "--unipruning-args" in METHODS[method] else []), "--configs", "0.5", "--no-dense",
         "--calib", args.calib, "--eval", args.calib, "--num-samples", str(args.num_samples),
         "--seq-len", str(args.seq_len), "--eval-window", "128", "--eval-tokens", "128",
@@ -95,6 +95,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, metavar="PNG")
     parser.add_argument("--replot", default=None, metavar="JSONL", help="only draw --plot from lines of an earlier run")
     args = parser.parse_args(argv)
+    from quality import parse_extra
+
+    try:
+        parse_extra(args.unipruning_args)  # refused here, not after a model is built for every run
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     if args.replot:
         rows = [json.loads(line) for line in Path(args.replot).read_text().splitlines() if line.strip()]
         cost_vs_size(rows, args.plot or "cost.png")
