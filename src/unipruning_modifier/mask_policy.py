@@ -89,7 +89,7 @@ class MaskPolicy:
             return Budget(sparsity=n / m, n=n, m=m)
         if self.settings.allocation == "row":
             return Budget(sparsity=self.sparsity[name], per_row=True)
-        return Budget(sparsity=1.0 - int(mask.sum()) / mask.numel())
+        return Budget(sparsity=1.0 - int(torch.count_nonzero(mask)) / mask.numel())
 
     def layer_mask(self, name: str, keys: list[torch.Tensor]) -> torch.Tensor:
         """The keep-mask of one layer under the layer / row budget or N:M."""

@@ -72,13 +72,13 @@ def kth_largest(values: torch.Tensor, keep: int) -> tuple[torch.Tensor, bool]:
         margin = 4.0 * math.sqrt(position * (1.0 - keep / total)) + 8.0  # 4 sigma of a binomial rank
         upper = sample[max(0, math.floor(position - margin))]
         lower = sample[min(_BRACKET_SAMPLE - 1, math.ceil(position + margin))]
-        above = int((values > upper).sum())
+        above = int(torch.count_nonzero(values > upper))  # a bool .sum() copies to int64
         need = keep - above  # the rank of the answer among values <= upper
         if need >= 1:
             band = values[(values >= lower) & (values <= upper)]
             if need <= band.numel():
                 threshold = band.kthvalue(band.numel() - need + 1).values
-                return threshold, above + int((band >= threshold).sum()) == keep
+                return threshold, above + int(torch.count_nonzero(band >= threshold)) == keep
     return values.kthvalue(total - keep + 1).values, False
 
 
@@ -98,7 +98,7 @@ def top_mask_1d(keys: Sequence[torch.Tensor], keep: int) -> torch.Tensor:
         return primary >= threshold
     mask = primary > threshold
     ties = (primary == threshold).nonzero().reshape(-1)
-    missing = keep - int(mask.sum())
+    missing = keep - int(torch.count_nonzero(mask))
     if len(keys) > 1:
         ties = ties[rank_descending([k[ties] for k in keys[1:]])]
     mask[ties[:missing]] = True

@@ -108,7 +108,7 @@ def estimated_bytes(shapes: list[tuple[int, int]]) -> int:
 
 
 def _check_finite(what: str, *tensors: torch.Tensor) -> None:
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+    bad = sum(int(torch.count_nonzero(~torch.isfinite(t))) for t in tensors)
     if bad:
         raise SaliencyFileError(f"{what}: {bad} NaN/inf values (calibration diverged, or the file was altered); calibrate again")
 
@@ -205,7 +205,7 @@ def _check_v1(tensors: dict[str, torch.Tensor], shape: list[int]) -> str | None:
     for param, tensor in tensors.items():
         if list(tensor.shape) != shape:
             return f"{param} has shape {list(tensor.shape)}, its metadata says {shape}"
-    bad = sum(int((~torch.isfinite(tensors[p])).sum()) for p in ("gamma", "anchor_mean"))
+    bad = sum(int(torch.count_nonzero(~torch.isfinite(tensors[p]))) for p in ("gamma", "anchor_mean"))
     if bad:
         return f"{bad} NaN/inf values (calibration diverged, or the file was altered); calibrate again"
     return None

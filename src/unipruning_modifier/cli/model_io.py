@@ -177,7 +177,7 @@ def check_finite(model, what: str) -> None:
 
     for name, parameter in model.named_parameters():
         if parameter.is_floating_point() and parameter.element_size() > 1 and not parameter.is_meta:  # not fp8
-            bad = int((~torch.isfinite(parameter.detach())).sum())
+            bad = int(torch.count_nonzero(~torch.isfinite(parameter.detach())))
             if bad:
                 raise UsageError(f"{what}: parameter {name} has {bad} NaN/inf values")
 

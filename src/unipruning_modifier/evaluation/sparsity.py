@@ -20,7 +20,7 @@ def layer_sparsity(model: torch.nn.Module, names: list[str] | None = None) -> di
     for name, module in model.named_modules():
         weight = _dense_weight(module)
         if isinstance(module, torch.nn.Linear) and weight is not None and (names is None or name in names):
-            result[name] = float((weight == 0).sum().item() / weight.numel())
+            result[name] = int(torch.count_nonzero(weight == 0)) / weight.numel()
     return result
 
 
@@ -31,6 +31,6 @@ def total_sparsity(model: torch.nn.Module, names: list[str]) -> float:
     for name in names:
         weight = _dense_weight(modules[name])
         if weight is not None:
-            zeros += int((weight == 0).sum().item())
+            zeros += int(torch.count_nonzero(weight == 0))
             total += weight.numel()
     return zeros / total if total else 0.0
