@@ -86,7 +86,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for inputs in mine:
             for calibration in layers.values():
                 calibration.observe(weight, inputs)
-        records = lc.finish_layers(layers, modules, settings, torch.device("cpu"))
+        records = dict(lc.finish_layers(layers, modules, settings, torch.device("cpu")))
         first = distributed.first_batch(_Loader(mine, [f"rank {rank}'s slice"]))
         try:
             distributed.first_batch(_Loader(mine, ["the same dataset"]))

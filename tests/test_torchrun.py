@@ -86,6 +86,18 @@ def test_ranks_agree_and_masks_are_exact(runs, case):
     assert [r["cache"] for r in ranks] == ["DistributedCPUCache"] * WORLD
 
 
+@pytest.mark.parametrize("case", ["layer-0.5", "2:4-least_squares"])
+def test_each_round_deals_one_target_to_every_rank(runs, case):
+    ranks, single = _load(runs, case)
+    assert all(len(names) == 1 for names in single["rounds"])
+    assert ranks[0]["rounds"] == ranks[1]["rounds"]
+    per_layer = {}  # every decoder layer's targets in rounds of two, but its last when their count is odd
+    for names in ranks[0]["rounds"]:
+        per_layer.setdefault(names[0].split(".mlp.")[0].split(".self_attn.")[0], []).append(len(names))
+    assert all(sizes[:-1] == [WORLD] * (len(sizes) - 1) for sizes in per_layer.values()), per_layer
+    assert [name for names in ranks[0]["rounds"] for name in names] == [name for names in single["rounds"] for name in names]
+
+
 def test_without_reconstruction_two_ranks_are_one_process_bit_for_bit(runs):
     ranks, single = _load(runs, "layer-0.5")
     for name, weight in single["weights"].items():

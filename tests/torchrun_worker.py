@@ -6,7 +6,8 @@
 Each rank loads the model with compressed-tensors' ``load_offloaded_model`` (weights shared
 between ranks in CPU memory), calibrates on its own slice of the 16 windows
 (``distributed.rank_slice``), saves the checkpoint from every rank and loads it back at once.
-The file records the token windows this process calibrated on, every target weight, the sparse
+The file records the token windows this process calibrated on, every target weight, the targets
+written in each round of ``distributed.write_weights``, the sparse
 format the folder holds when save_sparse returns, and whether the checkpoint loaded then equals
 the model in memory; under torchrun, OUT/refused-rank<r>.txt holds
 the error given when every rank passes the same (whole) dataset. ``python tests/torchrun_worker.py
@@ -52,7 +53,17 @@ def main(out: Path, cases: dict[str, dict]) -> None:
     windows = data.calibration_windows(data.token_stream(tokenizer, data.read_text(data.demo_calibration_text())), NUM_SAMPLES, SEQ_LEN)
     mine = windows[list(distributed.rank_slice(len(windows)))]
 
+    rounds = []  # the targets of each distributed.write_weights call: one per rank per round
+    write_weights = distributed.write_weights
+
+    def recording(modules, compute):
+        rounds.append(list(modules))
+        return write_weights(modules, compute)
+
+    distributed.write_weights = recording
+
     def prune(fields: dict, calibration: torch.Tensor):
+        rounds.clear()
         with load_offloaded_model():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="auto_offload")
         seen = []
@@ -82,7 +93,7 @@ def main(out: Path, cases: dict[str, dict]) -> None:
         torch.save(
             {
                 "seen": torch.cat(seen) if seen else None, "windows": mine, "weights": weights, "loaded_equal": equal,
-                "world": size, "cache": cache, "format": stored,
+                "world": size, "cache": cache, "format": stored, "rounds": list(rounds),
             },
             out / f"{case}-{tag}.pt",
         )

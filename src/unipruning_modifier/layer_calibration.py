@@ -10,20 +10,25 @@ matrices are computed and held once. ``finish`` reduces all of it across data-pa
 returns the saliency record a mask is taken from; ``refit`` re-fits the kept weights once the
 mask is known.
 
-Across data-parallel ranks (``deferred``) a batch only records its activation energy; ``finish``
-gathers every rank's energies and takes all the mirror-descent steps in global batch order, so
-the saliency is the one a single process computes from the same layer inputs, bit for bit
-(docs/distributed.md). ``finish_layers`` finishes every layer any rank calibrated, in one order.
+Deferred (always, except with ``block_feedback``, which reads the saliency between batches), a
+batch only records its activation energy and ``finish`` takes all the mirror-descent steps, so a
+Linear's per-weight state (8 bytes per weight) exists only while it is finished, one Linear at a
+time, instead of for every Linear of a decoder layer while the layer is calibrated. Across
+data-parallel ranks ``finish`` gathers every rank's energies and steps them in global batch
+order, so the saliency is the one a single process computes from the same layer inputs, bit for
+bit (docs/distributed.md). ``finish_layers`` finishes every layer any rank calibrated, in one
+order, each when its record is asked for.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .admm import Budget, ScaledGram, scale_gram, solve
+from .admm import Budget, ScaledGram, right_hand_side, scale_gram, solve
 from .dense_stream import SAME_INPUTS
 from .distributed import gather_rows, reduce_mean, union_in_order
 from .mirror_descent import SaliencyState, mirror_descent_step
@@ -50,7 +55,7 @@ class CalibrationSettings:
     seed: int
     track_first_step: bool  # only where a mask (N:M first_step order) or a saliency file uses it
     gram: bool  # keep XᵀX for a re-fit
-    deferred: bool = False  # data-parallel: steps taken at finish from every rank's batches
+    deferred: bool = False  # steps taken at finish from the batches' energies (every rank's)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class InputStatistics:
         self.drift_tokens = 0  # fewer than tokens when the dense stream skips batches
         self.batches = 0
         self.reduced = False
+        self.readers = 0  # the Linears that will still re-fit from this input
         self._scaled: ScaledGram | None = None
 
     def accumulate(self, batch: int, inputs: torch.Tensor, dense) -> None:
@@ -104,13 +110,25 @@ class InputStatistics:
 
     def scaled(self, damping: float, dense_target: float, device: torch.device) -> ScaledGram:
         """``admm.scale_gram`` of XᵀX (and of the dense-target blend) on ``device``, once for every
-        Linear reading this input; XᵀX and the drift are dropped then (each Linear of the input
-        re-fits from the scaled copy), so two in × in matrices are held, not four."""
+        Linear reading this input. XᵀX and the blend become the scaled matrices in place and the
+        drift goes once blended (each Linear of the input re-fits from the scaled ones), so at
+        most three in × in matrices are held at once, then two."""
         if self._scaled is None:
-            gram = self.gram.to(device)
-            self._scaled = scale_gram(gram, damping, self.target(dense_target, device))
-            self.gram = self.drift = None
+            target = self.target(dense_target, device)
+            gram, self.gram, self.drift = self.gram.to(device), None, None
+            self._scaled = scale_gram(gram, damping, target, consume=True)
         return self._scaled
+
+    def problem(self, weight: torch.Tensor, damping: float, dense_target: float) -> tuple[ScaledGram, torch.Tensor]:
+        """One Linear's ADMM problem: ``scaled`` XᵀX, without the target matrix, and the
+        Linear's ``admm.right_hand_side``. The target matrix is dropped once the last Linear
+        reading this input has taken its right-hand side (down_proj at 7B widths: 0.5 GiB)."""
+        scaled = self.scaled(damping, dense_target, weight.device)
+        rhs = right_hand_side(weight, scaled)
+        self.readers -= 1
+        if self.readers <= 0:
+            self._scaled = self._scaled._replace(target=None)
+        return scaled._replace(target=None), rhs
 
     def reduce(self, features: int, device: torch.device) -> None:
         """Token-weighted mean over data-parallel ranks (once, by the first Linear to finish); a
@@ -138,11 +156,15 @@ class LayerCalibration:
         self.name = name
         self.group = group or name  # the Linear whose input statistics this one shares
         self.settings = settings
+        self.shape, self.device = shape, device
         self.seen = 0  # batches of this rank
         self.energies: list[torch.Tensor] = []  # deferred: this rank's activation energies
-        self.saliency: SaliencyState | None = SaliencyState.zeros(shape, device, settings.track_first_step)
+        self.saliency: SaliencyState | None = None if settings.deferred else self._fresh_state()
+        self.finished = False
         self.generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(name.encode()))
         self.statistics = statistics if statistics is not None or not settings.gram else InputStatistics()
+        if self.statistics is not None:
+            self.statistics.readers += 1
         self.feedback: torch.Tensor | None = None  # the next batch's anchor factor (block_feedback)
 
     @property
@@ -156,7 +178,10 @@ class LayerCalibration:
     @property
     def calibrating(self) -> bool:
         """True until ``finish``."""
-        return self.saliency is not None
+        return not self.finished
+
+    def _fresh_state(self) -> SaliencyState:
+        return SaliencyState.zeros(self.shape, self.device, self.settings.track_first_step)
 
     def observe(self, weight: torch.Tensor, inputs: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """One calibration batch: a mirror-descent step (deferred: its activation energy) and,
@@ -184,12 +209,14 @@ class LayerCalibration:
         state's device, fp32) and drop the state. Deferred, every rank's batches are stepped
         here, in global order, on ``weight`` (the layer's weight, as in calibration)."""
         if self.settings.deferred:
-            local = torch.stack(self.energies) if self.energies else self.saliency.z.new_zeros((0, self.saliency.z.shape[1]))
-            for energy in gather_rows(local.to(self.saliency.z.device)):
-                self._step(weight, energy)
+            self.saliency = self._fresh_state()
+            local = torch.stack(self.energies) if self.energies else torch.zeros((0, self.shape[1]), dtype=torch.float32, device=self.device)
             self.energies = []
+            for energy in gather_rows(local.to(self.device)):
+                self._step(weight, energy)
         saliency, self.saliency = self.saliency, None
         self.feedback = None
+        self.finished = True
         if self.statistics is not None:
             self.statistics.reduce(saliency.z.shape[1], saliency.z.device)
         return LayerSaliency(saliency.gamma, saliency.anchor_mean, saliency.first_step, saliency.steps)
@@ -211,34 +238,42 @@ class LayerCalibration:
             gram = self.gram.to(weight.device)
             target = self.statistics.target(settings.dense_target, weight.device)
             return least_squares(weight, gram, mask, settings.damping, iterations, settings.tolerance, cross=target), mask
+        scaled, rhs = self.statistics.problem(weight, settings.damping, settings.dense_target)
         found = solve(
-            weight, self.statistics.scaled(settings.damping, settings.dense_target, weight.device), budget, rho=settings.admm_rho,
-            max_iterations=settings.admm_iterations, update_every=ADMM_UPDATE_EVERY, pcg_iterations=iterations,
-            pcg_tolerance=settings.tolerance, initial_mask=mask,
+            weight, scaled, budget, rho=settings.admm_rho, max_iterations=settings.admm_iterations,
+            update_every=ADMM_UPDATE_EVERY, pcg_iterations=iterations, pcg_tolerance=settings.tolerance,
+            initial_mask=mask, rhs=rhs,
         )
         return found.weight, found.mask
 
 
 def finish_layers(
     layers: dict[str, LayerCalibration], modules: dict[str, torch.nn.Module], settings: CalibrationSettings, device: torch.device
-) -> dict[str, LayerSaliency]:
-    """Finish every layer of ``layers`` still calibrating, in the order of ``modules`` (every
-    target). Deferred, also each target only another rank calibrated (an MoE expert given no
-    tokens here): it joins with no batches of this rank, on ``device``, so every rank makes the
-    same collectives in the same order; the steps are taken on the onloaded weight."""
+) -> Iterator[tuple[str, LayerSaliency]]:
+    """(name, saliency record) of every layer of ``layers`` still calibrating, in the order of
+    ``modules`` (every target), each finished only when the caller asks for it, so that a caller
+    done with one record before asking for the next holds one Linear's state at a time. Deferred,
+    also each target only another rank calibrated (an MoE expert given no tokens here): it joins
+    with no batches of this rank, on ``device``, so every rank makes the same collectives in the
+    same order; the steps are taken on the onloaded weight."""
     calibrating = {name: calibration for name, calibration in layers.items() if calibration.calibrating}
     names = union_in_order({name: c.group for name, c in calibrating.items()}, list(modules))
     if not settings.deferred:
-        return {name: calibrating[name].finish() for name in names}
-    from compressed_tensors.utils import align_module_device
-
+        yield from ((name, calibrating[name].finish()) for name in names)
+        return
     groups = {c.group: c.statistics for c in calibrating.values()}
-    records = {}
     for name, group in names.items():
         module = modules[name]
         if name not in layers:
             statistics = groups.setdefault(group, InputStatistics()) if settings.gram else None
             layers[name] = LayerCalibration(name, module.weight.shape, device, settings, statistics, group)
-        with torch.no_grad(), align_module_device(module):
-            records[name] = layers[name].finish(module.weight)
-    return records
+        yield name, _finish_onloaded(layers[name], module)
+
+
+def _finish_onloaded(calibration: LayerCalibration, module: torch.nn.Module) -> LayerSaliency:
+    """``finish`` on the module's onloaded weight (a helper, so the caller's generator frame keeps
+    no reference to the record it yields)."""
+    from compressed_tensors.utils import align_module_device
+
+    with torch.no_grad(), align_module_device(module):
+        return calibration.finish(module.weight)

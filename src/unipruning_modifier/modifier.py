@@ -347,7 +347,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         return CalibrationSettings(
             self.metric, self.exponent, self.beta, self.kappa, self.lam, self.seed,
             track_first_step=self.order == "first_step" or self.calibration_inputs == "dense",
-            gram=self.reconstruct != "none", deferred=distributed.active(),
+            gram=self.reconstruct != "none", deferred=self.block_feedback == 0,
         )
 
     def _targets_in(self, layer: torch.nn.Module) -> dict[torch.nn.Module, str]:
@@ -359,20 +359,28 @@ class UniPruningModifier(Modifier, MaskSettings):
         return list(self._decoder_layers).index(layer)
 
     def _finish_calibrated_layers(self) -> None:
-        """Reduce the layers calibrated since the last call (on any rank) across ranks, then mask each
-        (or keep its saliency until every layer is calibrated, for a saliency file or a global budget)."""
+        """Reduce the layers calibrated since the last call (on any rank) across ranks, then mask and
+        write them one round at a time, one Linear per rank per round (or keep their saliency until
+        every layer is calibrated, for a saliency file or a global budget). A record is dropped as
+        soon as its mask is taken, so one round's saliency is held at a time."""
         self._inputs_seen = []
         records = finish_layers(self._layers, self._targets, self.calibration_settings(), distributed.device())
-        for name in list(records):
-            record = records.pop(name)  # dropped as soon as its mask is taken: one layer's saliency at a time
-            if self.calibration_inputs == "dense" or self._policy.needs_all_layers:
-                dtype = STORAGE_DTYPES[self.saliency_dtype] if self.calibration_inputs == "dense" else torch.bfloat16
+        if self.calibration_inputs == "dense" or self._policy.needs_all_layers:
+            dtype = STORAGE_DTYPES[self.saliency_dtype] if self.calibration_inputs == "dense" else torch.bfloat16
+            for name, record in records:
                 self._waiting[name] = record.to("cpu", dtype)
                 self._layers[name].offload()
-            else:
-                mask, steps = self._policy.layer_mask(name, self._policy.keys(record)), {name: record.steps}
-                del record
-                self._apply_masks({name: mask}, steps)
+            return
+        ranks = distributed.world()[1]
+        masks, steps = {}, {}
+        for name, record in records:
+            masks[name], steps[name] = self._policy.layer_mask(name, self._policy.keys(record)), record.steps
+            del record
+            if len(masks) == ranks:
+                self._apply_masks(masks, steps)
+                masks, steps = {}, {}
+        if masks:
+            self._apply_masks(masks, steps)
 
     def _write_saliency(self, model: torch.nn.Module) -> None:
         settings = ("metric", "kappa", "lam", "beta", "exponent", "seed", "targets", "ignore", "calibration_inputs")
@@ -407,7 +415,7 @@ class UniPruningModifier(Modifier, MaskSettings):
         written = distributed.write_weights({name: self._targets[name] for name in masks}, pruned)
         for name, mask in written.items():
             self._pruned.add(name)
-            achieved = 1.0 - mask.sum().item() / mask.numel()
+            achieved = 1.0 - int(torch.count_nonzero(mask)) / mask.numel()
             batches = (steps or {}).get(name)
             logger.info(f"UniPruning {name}: sparsity {achieved:.4f}{f' from {batches} batches' if batches is not None else ''}")
 

@@ -62,21 +62,23 @@ def _add_symmetric(gram: torch.Tensor, flat: torch.Tensor, alpha: float) -> None
                 gram[b0:b1, a0:a1] = gram[a0:a1, b0:b1].T
 
 
-def dampen(gram: torch.Tensor, fraction: float) -> torch.Tensor:
-    """H + fraction * mean(diag H) * I (a copy); dead inputs (zero diagonal) get a unit diagonal."""
-    return _add_to_diagonal(gram, gram, fraction)
+def dampen(gram: torch.Tensor, fraction: float, in_place: bool = False) -> torch.Tensor:
+    """H + fraction * mean(diag H) * I (a copy, or H itself ``in_place``); dead inputs (zero
+    diagonal) get a unit diagonal."""
+    return _add_to_diagonal(gram, gram, fraction, in_place)
 
 
-def dampen_cross(gram: torch.Tensor, cross: torch.Tensor, fraction: float) -> torch.Tensor:
-    """C plus the same diagonal ``dampen`` adds to H (a copy), so that the re-fit's ridge still
-    pulls towards the original weights when the target is the dense model's output."""
-    return _add_to_diagonal(cross, gram, fraction)
+def dampen_cross(gram: torch.Tensor, cross: torch.Tensor, fraction: float, in_place: bool = False) -> torch.Tensor:
+    """C plus the same diagonal ``dampen`` adds to H (a copy, or C itself ``in_place``), so that
+    the re-fit's ridge still pulls towards the original weights when the target is the dense
+    model's output."""
+    return _add_to_diagonal(cross, gram, fraction, in_place)
 
 
-def _add_to_diagonal(matrix: torch.Tensor, gram: torch.Tensor, fraction: float) -> torch.Tensor:
+def _add_to_diagonal(matrix: torch.Tensor, gram: torch.Tensor, fraction: float, in_place: bool) -> torch.Tensor:
     dead = gram.diagonal() == 0
     shift = fraction * torch.where(dead, torch.ones_like(gram.diagonal()), gram.diagonal()).mean()
-    result = matrix.clone()
+    result = matrix if in_place else matrix.clone()
     diagonal = result.diagonal()
     diagonal[dead] = 1.0
     diagonal.add_(shift)
@@ -126,7 +128,8 @@ def conjugate_gradients(
     (K: the row's entries with ``keep`` 1, the others held at 0), from ``solution`` whose
     residual (b - W H) * keep is ``residual``; until every row's residual norm is at most its
     ``limit`` ([rows, 1]) or ``max_iterations``. One (out x in) @ (in x in) product per
-    iteration. Updates ``solution`` and ``residual`` in place; returns (solution, iterations)."""
+    iteration. ``keep`` may be the bool mask (a quarter of the memory of an fp32 one, the same
+    products). Updates ``solution`` and ``residual`` in place; returns (solution, iterations)."""
     inverse_diagonal = 1.0 / hessian.diagonal()
     preconditioned = residual * inverse_diagonal
     direction = preconditioned.clone()
@@ -134,12 +137,13 @@ def conjugate_gradients(
     iteration = 0
     while iteration < max_iterations and not bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
         iteration += 1
-        product = (direction @ hessian) * keep
+        product = (direction @ hessian).mul_(keep)
         curvature = (direction * product).sum(dim=1, keepdim=True)
         step = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), torch.zeros_like(rz))
         solution.addcmul_(step, direction)
         residual.addcmul_(step, product, value=-1)
-        preconditioned = residual * inverse_diagonal
+        del product  # buffers of rows x in each: at most five live at once
+        torch.mul(residual, inverse_diagonal, out=preconditioned)
         rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
         direction.mul_(torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), torch.zeros_like(rz))).add_(preconditioned)
         rz = rz_next
