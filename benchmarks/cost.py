@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     from quality import parse_extra
 
     try:
-        parse_extra(args.unipruning_args)  # refused here, not after a model is built for every run
+        # refused here, not after a model is built for every run
+        parse_extra(args.unipruning_args, sparsity_hint="cost.py always prunes to 50 % unstructured")
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     if args.replot:

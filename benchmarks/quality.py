@@ -89,7 +89,9 @@ def build_modifier(method: str, config: Config, extra: dict, seed: int):
     raise ValueError(f"unknown method {method!r}")
 
 
-def parse_extra(items: list[str]) -> dict:
+def parse_extra(items: list[str], sparsity_hint: str = "set it with --configs instead") -> dict:
+    """--unipruning-args as recipe fields; ArgumentTypeError for a malformed item or a sparsity
+    field (``sparsity_hint`` says where the sparsity comes from instead)."""
     extra = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -98,7 +100,7 @@ def parse_extra(items: list[str]) -> dict:
         extra[key.strip()] = yaml.safe_load(value)
     for key in ("sparsity", "mask_structure"):
         if key in extra:
-            raise argparse.ArgumentTypeError(f"--unipruning-args {key}=...: set it with --configs instead")
+            raise argparse.ArgumentTypeError(f"--unipruning-args {key}=...: {sparsity_hint}")
     return extra
 
 
