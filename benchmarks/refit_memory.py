@@ -10,10 +10,10 @@ starts (XᵀX and the dense-target drift, fp32; random, only the shapes matter),
 ``LayerCalibration.refit`` with the shipped recipe's fields (``dense_target`` 0.3, damping 0.01,
 ρ from 0.1; ``--admm-iterations`` / ``--pcg-iterations`` default to a cut that still raises ρ once:
 every ADMM and CG iteration allocates the same buffers), and samples the resident memory every
-half millisecond. It prints, to stderr, the peak inside each step of the re-fit, then one JSON
-line: the peak above the process's memory before any tensor was made, and the same in units of
-one fp32 copy of the weight. To compare with an older version of the code, run the same command
-with ``PYTHONPATH`` pointing at that version's ``src``.
+half millisecond (``device.PeakMemory``). It prints, to stderr, the peak inside each step of
+the re-fit, then one JSON line: the peak above the process's memory before any tensor was made,
+and the same in units of one fp32 copy of the weight. To compare with an older version of the
+code, run the same command with ``PYTHONPATH`` pointing at that version's ``src``.
 """
 
 from __future__ import annotations
@@ -21,56 +21,37 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
-import threading
-import time
 
+import psutil
 import torch
 
 from unipruning_modifier import admm, layer_calibration
 from unipruning_modifier.admm import Budget
+from unipruning_modifier.device import PeakMemory, timed
 from unipruning_modifier.layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings
 
 MIB = 2**20
+CPU = torch.device("cpu")
+INTERVAL = 0.0005  # seconds between resident-memory samples
 STEPS = ((layer_calibration, "scale_gram"), (admm, "ridge_solver"), (admm, "admm"), (admm, "project"), (admm, "pcg"))
 
 
-class Sampler:
-    """Resident memory (MiB) now, its peak since the last ``reset`` and its highest ever, from a
-    sampling thread."""
-
-    def __init__(self, interval: float = 0.0005):
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = self.highest = self.now()
-        threading.Thread(target=self._run, args=(interval,), daemon=True).start()
-
-    def now(self) -> float:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self._page / MIB
-
-    def reset(self) -> float:
-        self.peak = self.now()
-        return self.peak
-
-    def _run(self, interval: float) -> None:
-        while True:
-            now = self.now()
-            self.peak, self.highest = max(self.peak, now), max(self.highest, now)
-            time.sleep(interval)
+def rss_mib() -> float:
+    return psutil.Process().memory_info().rss / MIB
 
 
-def watch(sampler: Sampler, start: float, peaks: dict) -> None:
-    """Wrap each step of ``STEPS`` so that its largest peak (MiB above ``start``) lands in ``peaks``."""
+def watch(start: float, peaks: dict) -> None:
+    """Wrap each step of ``STEPS`` in its own ``PeakMemory`` (so a step inside another is seen by
+    both), its largest peak (MiB above ``start``) landing in ``peaks``."""
     for module, name in STEPS:
         step = getattr(module, name)
 
         @functools.wraps(step)
         def watched(*args, _step=step, _name=name, **kwargs):
-            sampler.reset()
-            result = _step(*args, **kwargs)
-            time.sleep(0.002)  # one more sample after the step
-            peaks[_name] = max(peaks.get(_name, 0.0), sampler.peak - start)
+            with PeakMemory(CPU, INTERVAL) as memory:
+                result = _step(*args, **kwargs)
+            peaks[_name] = max(peaks.get(_name, 0.0), memory.rss_peak_mb - start)
             return result
 
         setattr(module, name, watched)
@@ -90,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--admm-iterations and --pcg-iterations must be at least 1")
     torch.set_num_threads(args.threads)
 
-    sampler = Sampler()
-    start = sampler.now()
+    start = rss_mib()
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(rows, inputs, generator=generator).bfloat16()
     statistics = InputStatistics()
@@ -109,21 +89,19 @@ def main(argv: list[str] | None = None) -> dict:
     mask = torch.rand(rows, inputs, generator=generator) > 0.5
     refit = RefitSettings("admm", 0.01, args.pcg_iterations, 3e-3, 0.3, args.admm_iterations, 0.1)
     budget = Budget(sparsity=1.0 - int(torch.count_nonzero(mask)) / mask.numel())
-    given = sampler.now() - start
+    given = rss_mib() - start
 
     peaks: dict[str, float] = {}
-    watch(sampler, start, peaks)
-    clock = time.process_time()
-    layer.refit(weight, mask, refit, budget)
-    seconds = time.process_time() - clock
-    time.sleep(0.002)
-    peak = sampler.highest - start
+    watch(start, peaks)
+    with PeakMemory(CPU, INTERVAL) as whole, timed(CPU) as clock:
+        layer.refit(weight, mask, refit, budget)
+    peak = whole.rss_peak_mb - start
     weight_mib = rows * inputs * 4 / MIB
     for name, value in peaks.items():
         print(f"refit_memory: {name:13s} peak {value:7.0f} MiB above the start", file=sys.stderr)
     line = {
         "method": "unipruning_admm_refit", "setting": f"{rows}x{inputs}", "admm_iterations": args.admm_iterations,
-        "pcg_iterations": args.pcg_iterations, "cpu_seconds": round(seconds, 2),
+        "pcg_iterations": args.pcg_iterations, "cpu_seconds": round(clock["cpu_seconds"], 2),
         "given_mib": round(given), "peak_mib": round(peak), "peak_fp32_weights": round(peak / weight_mib, 2),
         "steps_peak_mib": {name: round(value) for name, value in peaks.items()},
         "weight_fp32_mib": round(weight_mib), "in_x_in_mib": round(inputs * inputs * 4 / MIB),
