@@ -182,8 +182,9 @@ def admm(
     start = weight if initial_weight is None else initial_weight.to(weight.device, torch.float32)
     start_mask = project(start, budget, scores) if initial_mask is None else initial_mask.to(weight.device, torch.bool)
 
-    # no iterate is changed in place but the dual, so the start needs no copies (memory: each
-    # out x in fp32 buffer is 180 MiB for a 7B down_proj)
+    # only the dual and each iteration's fresh split are changed in place, so the solution may
+    # start as the weight itself and the start needs no copy (each out x in fp32 buffer is 180 MiB
+    # for a 7B down_proj)
     solution, split, dual = weight, start * start_mask, torch.zeros_like(weight)
     support, previous = start_mask, start_mask
     ridge = ridge_solver(gram, rho, weight.shape[0])
@@ -266,7 +267,7 @@ def scale_gram(gram: torch.Tensor, damping: float = 0.01, cross: torch.Tensor | 
 
 
 def right_hand_side(weight: torch.Tensor, scaled_gram: ScaledGram) -> torch.Tensor:
-    """(W S) T for ADMM and PCG in ``scale_gram``'s scale (T the target matrix, H without one):
+    """(W S) Tᵀ for ADMM and PCG in ``scale_gram``'s scale (T the target matrix, H without one):
     once a layer has it, the target matrix is no longer needed."""
     device = weight.device
     target = scaled_gram.hessian if scaled_gram.target is None else scaled_gram.target.T

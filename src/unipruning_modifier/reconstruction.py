@@ -102,15 +102,15 @@ def least_squares(
     when every row's residual norm fell below ``tolerance`` times its initial norm. Returns fp32.
     """
     w0 = weight.float()
-    keep = mask.to(w0.device, torch.float32)
+    keep = mask.to(w0.device, torch.bool)  # the same products as an fp32 mask, a quarter the memory
     gram = gram.to(w0.device, torch.float32)
     hessian = dampen(gram, damping)
     solution = w0 * keep
     if cross is None:
-        residual = ((w0 - solution) @ hessian) * keep  # = (b - A x0) restricted to the mask
+        residual = ((w0 - solution) @ hessian).mul_(keep)  # = (b - A x0) restricted to the mask
     else:
         target = dampen_cross(gram, cross.to(w0.device, torch.float32), damping)
-        residual = (w0 @ target.T - solution @ hessian) * keep
+        residual = (w0 @ target.T - solution @ hessian).mul_(keep)
     start = residual.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     solution, _ = conjugate_gradients(hessian, keep, solution, residual, tolerance * start, max_iterations)
     return solution * keep
