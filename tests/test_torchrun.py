@@ -67,7 +67,7 @@ def test_each_rank_calibrates_on_its_own_slice(runs, case):
     assert torch.equal(torch.cat([r["windows"] for r in ranks]), everything)
 
 
-@pytest.mark.parametrize("case", ["layer-0.5", "2:4-least_squares"])
+@pytest.mark.parametrize("case", ["layer-0.5", "2:4-least_squares", "2:4-tuned"])
 def test_ranks_agree_and_masks_are_exact(runs, case):
     ranks, _ = _load(runs, case)
     weights = ranks[0]["weights"]
@@ -114,6 +114,17 @@ def test_with_least_squares_two_ranks_match_one_process_within_tolerance(runs):
             torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-3)
         agree, total = agree + int(same.sum()), total + same.numel()
     assert agree / total >= MASK_AGREEMENT
+
+
+def test_block_tuning_moves_the_kept_weights_alike_on_every_rank(runs):
+    """Each step averages the ranks' gradients, so the ranks' weights stay equal (above); the
+    tuning moved them, and layer 0 (identical inputs, so identical masks) keeps its masks."""
+    tuned, _ = _load(runs, "2:4-tuned")
+    fitted, _ = _load(runs, "2:4-least_squares")
+    for name, weight in tuned[0]["weights"].items():
+        assert not torch.equal(weight, fitted[0]["weights"][name]), name
+        if name.startswith("model.layers.0."):
+            assert torch.equal(weight != 0, fitted[0]["weights"][name] != 0), name
 
 
 def test_the_same_dataset_on_every_rank_is_refused(runs):

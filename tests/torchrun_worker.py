@@ -31,6 +31,10 @@ CASES = {
         "mask_structure": "2:4", "nm_order": "first_step", "reconstruct": "least_squares",
         "dense_target": 0.3, "dense_target_every": 2,
     },
+    "2:4-tuned": {
+        "mask_structure": "2:4", "nm_order": "first_step", "reconstruct": "least_squares",
+        "dense_target": 0.3, "dense_target_every": 2, "block_tune_epochs": 2,
+    },
 }
 
 

@@ -9,7 +9,8 @@ dense, on the dense input of batch b, returns the inputs its Linear layers saw i
 (captured by the stream's own temporary hooks) and keeps the dense output as the next layer's
 dense input. The first layer's dense and pruned inputs are equal, so there the pipeline's own
 calibration forward is the dense run: ``run`` returns ``SAME_INPUTS`` for its Linear layers
-and ``keep_output`` takes the output of that forward.
+and ``keep_output`` takes the output of that forward. ``output`` lends block tuning
+(block_tuning.py) a layer's dense outputs once the layer has seen every batch.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def check_chain(layers: list[str]) -> None:
 class DenseStream:
     """Dense hidden states per (decoder layer, batch), offloaded between layers."""
 
-    def __init__(self, layers: int, offload_device: torch.device | str = "cpu", every: int = 1, first_batch: int = 0):
-        self._count = layers
+    def __init__(
+        self, layers: int, offload_device: torch.device | str = "cpu", every: int = 1, first_batch: int = 0, keep_last: bool = False
+    ):
+        self._count = layers + 1 if keep_last else layers  # the last layer's outputs feed no layer but block tuning
         self._offload = torch.device(offload_device)
         self._every = every
         self._first = first_batch  # global index of this rank's first batch (data-parallel ranks)
@@ -111,6 +114,11 @@ class DenseStream:
         batch, self._first_layer_batch = self._first_layer_batch, None
         if batch is not None:
             self._keep(1, batch, output)
+
+    def output(self, layer: int, batch: int) -> torch.Tensor | None:
+        """Decoder layer ``layer``'s dense output on ``batch`` (None where the stream skipped it),
+        until the next layer consumes it; the last layer's only with ``keep_last``."""
+        return self._inputs.get(layer + 1, {}).get(batch)
 
     def _keep(self, layer: int, batch: int, output) -> None:
         if layer < self._count:

@@ -20,10 +20,13 @@ __all__ = [
     "first_batch",
     "gather_rows",
     "init",
+    "max_count",
+    "mean_of_present",
     "rank_slice",
     "reduce_mean",
     "union_in_order",
     "world",
+    "write_same_weights",
     "write_weights",
 ]
 
@@ -77,6 +80,25 @@ def _gather_ints(value: int) -> list[int]:
     values = [None] * world()[1]
     dist.all_gather_object(values, value)
     return values
+
+
+def max_count(count: int) -> int:
+    """The largest of the ranks' ``count``."""
+    return max(_gather_ints(count)) if active() else count
+
+
+def mean_of_present(tensors: list[torch.Tensor], present: bool) -> None:
+    """In place, each tensor's mean over the ranks where ``present`` (the others pass zeros):
+    the gradient of a step to which only the ranks that still had a batch contributed."""
+    if not active():
+        return
+    count = torch.tensor([float(present)], dtype=torch.float32, device=tensors[0].device)
+    dist.all_reduce(count)
+    for tensor in tensors:
+        if not present:
+            tensor.zero_()
+        dist.all_reduce(tensor)
+        tensor.div_(max(count.item(), 1.0))
 
 
 def first_batch(loader) -> int:
@@ -153,9 +175,8 @@ def write_weights(
 
     ``compute`` sees the module's current weight, onloaded. Across ranks the layers are dealt
     round-robin in the given order, one per rank per round: each is computed by one rank from
-    the unchanged weight and broadcast, so every rank holds the same bits. Weights that ranks
-    share (compressed-tensors' distributed CPU / disk offload, ``load_offloaded_model``) are
-    written by rank 0 alone; the others refresh only their onloaded copy. Barriers keep every
+    the unchanged weight and broadcast, so every rank holds the same bits (written as ``_write``
+    says). Barriers keep every
     read of a round before its writes and every write before the next round.
     """
     from compressed_tensors.utils import align_module_device, update_offload_parameter
@@ -185,13 +206,31 @@ def write_weights(
             weight, mask = weight.contiguous(), mask.contiguous()
             dist.broadcast(weight, src=owner)
             dist.broadcast(mask.view(torch.uint8), src=owner)
-            if rank == 0 or not _shared(module):
-                update_offload_parameter(module, "weight", weight)
-            else:
-                _refresh_onloaded(module, weight)
+            _write(module, weight)
             masks[name] = mask
         dist.barrier()
     return masks
+
+
+def write_same_weights(weights: dict[torch.nn.Module, torch.Tensor]) -> None:
+    """Write each module's new weight, which every rank computed alike (cast to its dtype)."""
+    with torch.no_grad():
+        for module, weight in weights.items():
+            _write(module, weight.to(module.weight.dtype))
+    if active():
+        dist.barrier()
+
+
+def _write(module: torch.nn.Module, weight: torch.Tensor) -> None:
+    """Weights that ranks share (compressed-tensors' distributed CPU / disk offload,
+    ``load_offloaded_model``) are written by rank 0 alone; the others refresh only their
+    onloaded copy."""
+    from compressed_tensors.utils import update_offload_parameter
+
+    if world()[0] == 0 or not _shared(module):
+        update_offload_parameter(module, "weight", weight)
+    else:
+        _refresh_onloaded(module, weight)
 
 
 def _shared(module: torch.nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
 Each hook hands its work to one place: layer_calibration.py (what a target Linear accumulates
 per batch, and its re-fit), mask_policy.py (keys to masks, every budget), dense_stream.py (the
-dense model's activations for ``dense_target``), block_feedback.py, saliency_file.py. The math
+dense model's activations for ``dense_target``), block_feedback.py, block_tuning.py,
+saliency_file.py. The math
 is in saliency.py, mirror_descent.py, masks.py and reconstruction.py; docs/architecture.md
 follows one layer's weight through all of them.
 """
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 
 from . import distributed
 from .block_feedback import block_feedback
+from .block_tuning import BlockTuning
 from .checkpoint import mark_sparse
 from .dense_stream import DenseStream, check_chain
 from .layer_calibration import CalibrationSettings, InputStatistics, LayerCalibration, RefitSettings, finish_layers
@@ -71,6 +73,10 @@ class UniPruningModifier(Modifier, MaskSettings):
         each batch's anchors scaled by 1 + s * tanh(-g / mean|g|), g the gradient of the decoder
         layer's output error w.r.t. its current masks.
     :param block_feedback_every: take the feedback on every k-th batch only.
+    :param block_tune_epochs: after each decoder layer's masks and re-fit, this many epochs of
+        Adam on its kept weights against its output (0: off; block_tuning.py), the target
+        (1 - a) f(X; W0) + a f(D; W0) with a = dense_target.
+    :param block_tune_lr: Adam's learning rate of the block tuning.
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (weights only masked), "least_squares" (re-fit the kept weights to
         the layer's calibration outputs, reconstruction.py) or "admm" (from the saliency's mask, let
@@ -109,6 +115,8 @@ class UniPruningModifier(Modifier, MaskSettings):
     exponent: float | None = Field(default=None, ge=0)
     block_feedback: float = Field(default=0.0, ge=0, le=1)
     block_feedback_every: int = Field(default=1, ge=1)
+    block_tune_epochs: int = Field(default=0, ge=0)
+    block_tune_lr: float = Field(default=3e-4, gt=0)
     seed: int = 0
     reconstruct: Literal["none", "least_squares", "admm"] = "none"
     admm_iterations: int = Field(default=20, ge=1)
@@ -133,6 +141,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     _stream: DenseStream | None = PrivateAttr(default=None)
     _dense_inputs: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)  # this batch's (or SAME_INPUTS), until calibrated
     _feedback_runs: int = PrivateAttr(default=0)
+    _tuning: BlockTuning | None = PrivateAttr(default=None)
     _pruned: set[str] = PrivateAttr(default_factory=set)
     _fingerprint: str | None = PrivateAttr(default=None)
 
@@ -173,9 +182,11 @@ class UniPruningModifier(Modifier, MaskSettings):
                 f"load_saliency prunes without calibration, so reconstruct {self.reconstruct!r} (which "
                 "needs the calibration inputs of every layer) is not possible; use reconstruct: none"
             )
+        if self.load_saliency and self.block_tune_epochs:
+            raise ValueError(f"block_tune_epochs {self.block_tune_epochs} needs calibration; load_saliency prunes without it")
         if self.dense_target > 0 and self.reconstruct == "none":
             raise ValueError(f"dense_target {self.dense_target} needs reconstruct least_squares or admm; got reconstruct 'none'")
-        for feature in ("dense_target", "block_feedback"):
+        for feature in ("dense_target", "block_feedback", "block_tune_epochs"):
             if getattr(self, feature) > 0:
                 if self.calibration_inputs == "dense":
                     raise ValueError(
@@ -235,7 +246,12 @@ class UniPruningModifier(Modifier, MaskSettings):
         first_batch = 0 if self.load_saliency else distributed.first_batch(kwargs.get("calib_data"))
         if self.dense_target > 0:
             check_chain(self._policy.decoder_layers)
-            self._stream = DenseStream(len(self._decoder_layers), every=self.dense_target_every, first_batch=first_batch)
+            self._stream = DenseStream(
+                len(self._decoder_layers), every=self.dense_target_every, first_batch=first_batch,
+                keep_last=self.block_tune_epochs > 0,
+            )
+        if self.block_tune_epochs > 0:
+            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, self.dense_target, self.dense_target_every, first_batch)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():
@@ -261,6 +277,10 @@ class UniPruningModifier(Modifier, MaskSettings):
                     self.register_hook(layer, self._keep_dense_output, "forward")
             if self.block_feedback > 0 and self._targets_in(layer):
                 self.register_hook(layer, self._run_feedback, "forward_pre", with_kwargs=True)
+            if self._tuning is not None and self._targets_in(layer):
+                self._tuning.watch(self._decoder_layers[layer], layer, self._targets_in(layer))
+                self.register_hook(layer, self._tuning.keep_call, "forward_pre", with_kwargs=True)
+                self.register_hook(layer, self._tuning.keep_output, "forward")
 
     def _calibrate(self, module: torch.nn.Module, args, _output):
         """Forward hook of a target Linear: one calibration step of this layer on this batch."""
@@ -295,16 +315,18 @@ class UniPruningModifier(Modifier, MaskSettings):
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
+        self._tune_masked_layers()
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._finish_calibrated_layers()
+        self._tune_masked_layers()
         if self.save_saliency and self._waiting and distributed.world()[0] == 0:  # identical on every rank
             self._write_saliency(state.model)
         if self._waiting:
             records, self._waiting = self._waiting, {}
             self._apply_masks(self._policy.masks(records))
         self.remove_hooks()
-        self._stream, self._dense_inputs = None, {}
+        self._stream, self._dense_inputs, self._tuning = None, {}, None
         if self.block_feedback > 0 and self._pruned:
             if self._feedback_runs:
                 logger.info(f"UniPruning: block_feedback ran {self._feedback_runs} times (decoder layer x batch)")
@@ -381,6 +403,12 @@ class UniPruningModifier(Modifier, MaskSettings):
                 masks, steps = {}, {}
         if masks:
             self._apply_masks(masks, steps)
+
+    def _tune_masked_layers(self) -> None:
+        """Block tuning of each decoder layer whose target Linears are all masked (block_tuning.py)."""
+        if self._tuning is not None:
+            stream = self._stream
+            self._tuning.tune_ready(self._pruned, lambda layer, batch: stream.output(self._layer_index(layer), batch) if stream else None)
 
     def _write_saliency(self, model: torch.nn.Module) -> None:
         settings = ("metric", "kappa", "lam", "beta", "exponent", "seed", "targets", "ignore", "calibration_inputs")
