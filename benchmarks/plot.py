@@ -34,7 +34,8 @@ def series_name(row: dict) -> str:
             return "UniPruning (mask only)"
         name = f"UniPruning + {extra['reconstruct']}"
         target = extra.get("dense_target")
-        return f"{name}, dense_target {target}" if target else name
+        name = f"{name}, dense_target {target}" if target else name
+        return f"{name}, block tuning" if extra.get("block_tune_epochs") else name
     names = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude", "alps": "ALPS"}
     return names.get(row["method"], row["method"])
 

@@ -70,6 +70,18 @@ def calibration(tokenizer):
     return data.calibration_dataset(tokenizer, data.read_text(data.demo_calibration_text()), num_samples=16, seq_len=64)
 
 
+class Block(torch.nn.Module):
+    """A residual two-Linear block, returning a tuple like some decoder layers do."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.up = torch.nn.Linear(width, 2 * width)
+        self.down = torch.nn.Linear(2 * width, width, bias=False)
+
+    def forward(self, hidden_states, scale=1.0):
+        return (hidden_states + scale * self.down(torch.relu(self.up(hidden_states))),)
+
+
 def load(path: str):
     from transformers import AutoModelForCausalLM
 

@@ -9,19 +9,7 @@ import torch
 from unipruning_modifier import UniPruningModifier
 from unipruning_modifier.block_feedback import block_feedback
 
-from .conftest import load, run_oneshot
-
-
-class Block(torch.nn.Module):
-    """A residual two-Linear block, returning a tuple like some decoder layers do."""
-
-    def __init__(self, width=16):
-        super().__init__()
-        self.up = torch.nn.Linear(width, 2 * width)
-        self.down = torch.nn.Linear(2 * width, width, bias=False)
-
-    def forward(self, hidden_states, scale=1.0):
-        return (hidden_states + scale * self.down(torch.relu(self.up(hidden_states))),)
+from .conftest import Block, load, run_oneshot
 
 
 def test_restoring_a_pruned_weight_is_rewarded_and_untouched_rows_are_neutral():

@@ -10,19 +10,7 @@ import torch
 from unipruning_modifier import UniPruningModifier
 from unipruning_modifier.block_tuning import BlockBatches, tune_block
 
-from .conftest import load, run_oneshot
-
-
-class Block(torch.nn.Module):
-    """A residual two-Linear block, returning a tuple like decoder layers do."""
-
-    def __init__(self, width=16):
-        super().__init__()
-        self.up = torch.nn.Linear(width, 2 * width)
-        self.down = torch.nn.Linear(2 * width, width, bias=False)
-
-    def forward(self, hidden_states, scale=1.0):
-        return (hidden_states + scale * self.down(torch.relu(self.up(hidden_states))),)
+from .conftest import Block, load, run_oneshot
 
 
 def test_tuning_lowers_the_error_and_moves_only_kept_weights():

@@ -177,3 +177,14 @@ def demo_saliency(tmp_path_factory):
                  "--save-saliency", str(folder / "demo.safetensors"), *FAST])
     assert code == 0
     return folder / "demo.safetensors"
+
+
+def test_save_saliency_takes_the_tuned_recipe_without_its_per_layer_parts():
+    """A saliency file is calibrated on the dense model: the tuned recipe's dense target and
+    block tuning (which need layers masked as they calibrate) are dropped, not refused."""
+    from unipruning_modifier.cli.prune import with_saved_saliency
+    from unipruning_modifier.cli.recipes import BUILTIN_RECIPES, load_recipe
+
+    path = str(BUILTIN_RECIPES / "uni_24_tuned.yaml")
+    (modifier,) = with_saved_saliency(load_recipe(path), "x.safetensors", path).modifiers
+    assert modifier.block_tune_epochs == 0 and modifier.dense_target == 0 and modifier.calibration_inputs == "dense"

@@ -73,6 +73,13 @@ def test_shipped_24_recipe_end_to_end(tiny_model_path, calibration, tokenizer):
     assert_only_masked(model, before, targets, kept_unchanged=False)  # reconstruct: least_squares
 
 
+def test_shipped_tuned_24_recipe_end_to_end(tiny_model_path, calibration, tokenizer):
+    model, before = prune(tiny_model_path, str(REPO / "recipes" / "uni_24_tuned.yaml"), calibration, tokenizer)
+    targets = target_names(model)
+    assert_two_of_four(model, targets)
+    assert_only_masked(model, before, targets, kept_unchanged=False)
+
+
 @pytest.mark.parametrize("name, sparsity", [("uni_unstructured_50", 0.5), ("uni_unstructured_60", 0.6)])
 def test_shipped_unstructured_recipes_end_to_end(tiny_model_path, calibration, tokenizer, name, sparsity):
     model, before = prune(tiny_model_path, str(REPO / "recipes" / f"{name}.yaml"), calibration, tokenizer)
