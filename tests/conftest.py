@@ -1,4 +1,4 @@
-"""Shared fixtures: a 2-layer Llama saved to a temp folder, and calibration windows."""
+"""Shared fixtures: a 2-layer Llama saved to a temp folder, calibration windows; a toy residual block."""
 
 from __future__ import annotations
 

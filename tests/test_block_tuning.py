@@ -65,13 +65,13 @@ def test_batches_keep_the_dense_streams_batches_and_blend_the_target():
     assert [float(t[0, 0]) for t in own] == [1.0, 3.0]
 
 
-@pytest.mark.parametrize("structure", ["2:4", "0.6"])
-def test_tuning_keeps_the_masks_and_changes_the_kept_weights(tiny_model_path, calibration, tokenizer, caplog_loguru, structure):
+@pytest.mark.parametrize("structure, dense_target", [("2:4", 0.3), ("0.6", 0.0)])  # 0: no dense stream, own outputs
+def test_tuning_keeps_the_masks_and_changes_the_kept_weights(tiny_model_path, calibration, tokenizer, caplog_loguru, structure, dense_target):
     shape = {"mask_structure": structure} if ":" in structure else {"sparsity": float(structure)}
     weights = {}
     for epochs in (0, 2):
         recipe = UniPruningModifier(
-            ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=0.3, block_tune_epochs=epochs, **shape
+            ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=dense_target, block_tune_epochs=epochs, **shape
         )
         model = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
         weights[epochs] = {
@@ -89,7 +89,7 @@ def test_tuning_keeps_the_masks_and_changes_the_kept_weights(tiny_model_path, ca
             assert torch.equal(kept, weights[0][name] != 0), name
         assert not torch.equal(weight, weights[0][name]), name
     tuned = [m for m in caplog_loguru if "block tuning on" in m]
-    assert len(tuned) == 2, caplog_loguru[-5:]  # one line per decoder layer; dense_target_every 1: all 16 batches
+    assert len(tuned) == 2, caplog_loguru[-5:]  # one line per decoder layer, each on all 16 batches
     assert all("on 16 batches" in m for m in tuned)
 
 
