@@ -50,6 +50,7 @@ run() {  # run LABEL ARGS...: one quality.py process, capped by the time left
 }
 run sparsegpt --methods sparsegpt
 run shipped --methods unipruning --unipruning-args reconstruct=admm kappa=0.1 dense_target=0.3 dense_target_every=2
+run tuned --methods unipruning --unipruning-args reconstruct=admm kappa=0.1 dense_target=0.3 dense_target_every=1 block_tune_epochs=2
 run least_squares --methods unipruning --unipruning-args reconstruct=least_squares kappa=0.1 dense_target=0.3
 run sparsegpt2 --methods sparsegpt
 run alps --methods alps
