@@ -9,6 +9,7 @@ import torch
 
 from unipruning_modifier import UniPruningModifier
 from unipruning_modifier.block_tuning import BlockBatches, tune_block
+from unipruning_modifier.dense_stream import DenseStream
 
 from .conftest import Block, load, run_oneshot
 
@@ -45,7 +46,8 @@ def test_bf16_block_is_tuned_in_fp32():
 
 
 def _four_batches() -> BlockBatches:
-    kept = BlockBatches(every=2, first=1)  # global batches 1, 2, 3, 4: the dense stream runs on 2 and 4
+    stream = DenseStream(layers=2, every=2, first_batch=1)  # global batches 1, 2, 3, 4: it runs on 2 and 4
+    kept = BlockBatches(stream.takes)
     for batch in range(4):
         kept.add_call((torch.full((1, 2), float(batch)),), {"position": batch})
         kept.add_output((torch.full((1, 2), float(batch)),))

@@ -48,31 +48,26 @@ class BlockBatches:
     """One decoder layer's calibration batches, as the block tuning needs them: the layer's call
     (args, kwargs) and its output with the dense weights, on the offload device.
 
-    Only the batches whose target exists are kept: with ``dense_target`` above 0 the dense stream
-    runs on every ``every``-th batch (by global index ``first`` + local index) only, so only those.
+    Only the batches ``kept(batch)`` accepts (local index; None: all) are kept: with
+    ``dense_target`` above 0 those whose target exists, the ones the dense stream runs on.
     """
 
-    def __init__(self, every: int = 1, first: int = 0, offload_device: torch.device | str = "cpu"):
-        self._every = every
-        self._first = first
+    def __init__(self, kept: Callable[[int], bool] | None = None, offload_device: torch.device | str = "cpu"):
+        self._kept = kept or (lambda _batch: True)
         self._offload = torch.device(offload_device)
-        self._seen_inputs = 0
-        self._seen_outputs = 0
+        self._batches = 0  # calls seen; an output belongs to the last one
         self.calls: dict[int, tuple[tuple, dict]] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
-    def _kept(self, batch: int) -> bool:
-        return (self._first + batch) % self._every == 0
-
     def add_call(self, args: tuple, kwargs: dict) -> None:
         """The layer is about to run on its next batch (a forward pre-hook)."""
-        batch, self._seen_inputs = self._seen_inputs, self._seen_inputs + 1
+        batch, self._batches = self._batches, self._batches + 1
         if self._kept(batch):
             self.calls[batch] = (_on(args, self._offload), _on(kwargs, self._offload))
 
     def add_output(self, output) -> None:
         """The layer's output on that batch, weights still dense (a forward hook)."""
-        batch, self._seen_outputs = self._seen_outputs, self._seen_outputs + 1
+        batch = self._batches - 1
         if self._kept(batch):
             self.outputs[batch] = hidden_states(output).detach().to(self._offload)
 
@@ -158,15 +153,14 @@ class BlockTuning:
     hooks (``keep_call``, ``keep_output``), then its tuning once all its target Linears are
     masked (``tune_ready``), the weights written back to every rank alike."""
 
-    def __init__(self, epochs: int, lr: float, dense_target: float, every: int = 1, first_batch: int = 0):
-        self._epochs, self._lr, self._dense_target = epochs, lr, dense_target
-        self._every = every if dense_target > 0 else 1  # the batches the dense stream runs on
-        self._first = first_batch
+    def __init__(self, epochs: int, lr: float, dense_target: float, kept: Callable[[int], bool] | None = None):
+        """``kept(batch)``: whether a batch (local index) has a target (None: all have)."""
+        self._epochs, self._lr, self._dense_target, self._kept = epochs, lr, dense_target, kept
         self._waiting: dict[torch.nn.Module, tuple[str, dict[torch.nn.Module, str], BlockBatches]] = {}
 
     def watch(self, name: str, layer: torch.nn.Module, linears: dict[torch.nn.Module, str]) -> None:
         """Keep decoder layer ``name``'s batches, to tune ``linears`` (module -> name) in it."""
-        self._waiting[layer] = (name, linears, BlockBatches(self._every, self._first))
+        self._waiting[layer] = (name, linears, BlockBatches(self._kept))
 
     def keep_call(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of a watched layer."""

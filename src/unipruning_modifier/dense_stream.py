@@ -73,7 +73,7 @@ class DenseStream:
         keeps other hooks from seeing the run."""
         batch = self._batches.get(layer, 0)
         self._batches[layer] = batch + 1
-        if (self._first + batch) % self._every:
+        if not self.takes(batch):
             return {}
         if layer == 0:
             self._first_layer_batch = batch
@@ -114,6 +114,11 @@ class DenseStream:
         batch, self._first_layer_batch = self._first_layer_batch, None
         if batch is not None:
             self._keep(1, batch, output)
+
+    def takes(self, batch: int) -> bool:
+        """Whether the stream runs on this rank's ``batch`` (local index): every ``every``-th
+        batch by global index."""
+        return (self._first + batch) % self._every == 0
 
     def output(self, layer: int, batch: int) -> torch.Tensor | None:
         """Decoder layer ``layer``'s dense output on ``batch`` (None where the stream skipped it),

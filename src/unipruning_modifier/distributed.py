@@ -176,8 +176,8 @@ def write_weights(
     ``compute`` sees the module's current weight, onloaded. Across ranks the layers are dealt
     round-robin in the given order, one per rank per round: each is computed by one rank from
     the unchanged weight and broadcast, so every rank holds the same bits (written as ``_write``
-    says). Barriers keep every
-    read of a round before its writes and every write before the next round.
+    says). Barriers keep every read of a round before its writes and every write before the
+    next round.
     """
     from compressed_tensors.utils import align_module_device, update_offload_parameter
 

@@ -251,7 +251,8 @@ class UniPruningModifier(Modifier, MaskSettings):
                 keep_last=self.block_tune_epochs > 0,
             )
         if self.block_tune_epochs > 0:
-            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, self.dense_target, self.dense_target_every, first_batch)
+            kept = self._stream.takes if self._stream is not None else None  # batches with a dense output
+            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, self.dense_target, kept)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():
