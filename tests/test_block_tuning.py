@@ -102,8 +102,28 @@ def test_tuning_keeps_the_masks_and_changes_the_kept_weights(tiny_model_path, ca
         ({"block_tune_epochs": 2, "block_tune_lr": 0}, "block_tune_lr"),
         ({"block_tune_epochs": 2, "calibration_inputs": "dense"}, "got calibration_inputs 'dense'"),
         ({"block_tune_epochs": 2, "allocation": "owl"}, "got allocation 'owl'"),
+        ({"block_tune_epochs": 2, "block_tune_target": 1.5}, "block_tune_target"),
+        ({"block_tune_epochs": 2, "block_tune_target": 0.5, "reconstruct": "least_squares"}, "set dense_target above 0"),
     ],
 )
 def test_bad_tuning_settings_name_the_field(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         UniPruningModifier(sparsity=0.5, **fields)
+
+
+def test_without_a_dense_stream_the_default_target_is_the_layers_own_output():
+    modifier = UniPruningModifier(sparsity=0.5, reconstruct="least_squares", block_tune_epochs=2)
+    assert modifier.block_tune_target == 0.6 and modifier.dense_target == 0  # accepted: aims at f(X; W0)
+
+
+def test_block_tune_target_weights_the_dense_output(tiny_model_path, calibration, tokenizer):
+    tuned = {}
+    for target in (0.0, 1.0):
+        recipe = UniPruningModifier(
+            mask_structure="2:4", ignore=["re:.*lm_head"], reconstruct="least_squares", dense_target=0.3,
+            block_tune_epochs=1, block_tune_target=target,
+        )
+        model = run_oneshot(load(tiny_model_path), recipe, calibration, tokenizer, pipeline="sequential")
+        tuned[target] = [layer.mlp.down_proj.weight.detach().clone() for layer in model.model.layers]
+    assert torch.equal(tuned[0.0][0], tuned[1.0][0])  # the first layer's dense and pruned inputs are one: same target
+    assert not torch.equal(tuned[0.0][1], tuned[1.0][1])

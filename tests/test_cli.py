@@ -188,3 +188,4 @@ def test_save_saliency_takes_the_tuned_recipe_without_its_per_layer_parts():
     path = str(BUILTIN_RECIPES / "uni_24_tuned.yaml")
     (modifier,) = with_saved_saliency(load_recipe(path), "x.safetensors", path).modifiers
     assert modifier.block_tune_epochs == 0 and modifier.dense_target == 0 and modifier.calibration_inputs == "dense"
+    assert "block_tune_target" not in modifier.model_fields_set

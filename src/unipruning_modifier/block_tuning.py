@@ -8,7 +8,7 @@ epochs of Adam over the layer's calibration batches on
     L = mean || f(X; W * m) - T ||^2,    T = (1 - a) f(X; W0) + a f(D; W0),
 
 X: the batch's input to the layer (after the pruned earlier layers), D: the dense model's input
-(dense_stream.py), a: ``dense_target``, W0: the dense weights, m: the masks. The masks stay
+(dense_stream.py), a: ``block_tune_target``, W0: the dense weights, m: the masks. The masks stay
 fixed: only kept weights move (their gradients are masked), so the sparsity and any N:M pattern
 hold. The Linears' weights are tuned as fp32 copies that stand in for them during the tuning's
 forwards (offloaded parameters cannot be trained in place, and bf16 loses Adam's small steps);
@@ -71,16 +71,16 @@ class BlockBatches:
         if self._kept(batch):
             self.outputs[batch] = hidden_states(output).detach().to(self._offload)
 
-    def targets(self, dense_output: Callable[[int], torch.Tensor | None], dense_target: float) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
+    def targets(self, dense_output: Callable[[int], torch.Tensor | None], dense_weight: float) -> Iterator[tuple[tuple, dict, torch.Tensor]]:
         """(args, kwargs, target) per kept batch in order, each handed over (not kept here): the
         output (1 - a) f(X; W0) + a f(D; W0), ``dense_output(batch)`` giving f(D; W0) (None: only
         the layer's own output is known)."""
         for batch in sorted(self.calls):
             args, kwargs = self.calls.pop(batch)
             target = self.outputs.pop(batch)
-            dense = dense_output(batch) if dense_target > 0 else None
+            dense = dense_output(batch) if dense_weight > 0 else None
             if dense is not None:
-                target = target.lerp(dense.to(target.device, target.dtype), dense_target)  # not in place: tensors are shared
+                target = target.lerp(dense.to(target.device, target.dtype), dense_weight)  # not in place: tensors are shared
             yield args, kwargs, target
 
 
@@ -153,9 +153,10 @@ class BlockTuning:
     hooks (``keep_call``, ``keep_output``), then its tuning once all its target Linears are
     masked (``tune_ready``), the weights written back to every rank alike."""
 
-    def __init__(self, epochs: int, lr: float, dense_target: float, kept: Callable[[int], bool] | None = None):
-        """``kept(batch)``: whether a batch (local index) has a target (None: all have)."""
-        self._epochs, self._lr, self._dense_target, self._kept = epochs, lr, dense_target, kept
+    def __init__(self, epochs: int, lr: float, dense_weight: float, kept: Callable[[int], bool] | None = None):
+        """``dense_weight``: a of the target; ``kept(batch)``: whether a batch (local index) has a
+        target (None: all have)."""
+        self._epochs, self._lr, self._dense_weight, self._kept = epochs, lr, dense_weight, kept
         self._waiting: dict[torch.nn.Module, tuple[str, dict[torch.nn.Module, str], BlockBatches]] = {}
 
     def watch(self, name: str, layer: torch.nn.Module, linears: dict[torch.nn.Module, str]) -> None:
@@ -177,7 +178,7 @@ class BlockTuning:
             if not set(linears.values()) <= pruned:
                 continue
             del self._waiting[layer]
-            work = list(batches.targets(lambda batch: dense_output(layer, batch), self._dense_target))
+            work = list(batches.targets(lambda batch: dense_output(layer, batch), self._dense_weight))
             with HooksMixin.disable_hooks():  # no calibration hook may see the tuning's forwards
                 tuned, losses = tune_block(layer, list(linears), work, self._epochs, self._lr)
             distributed.write_same_weights(dict(zip(linears, tuned)))

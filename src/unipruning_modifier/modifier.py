@@ -75,8 +75,11 @@ class UniPruningModifier(Modifier, MaskSettings):
     :param block_feedback_every: take the feedback on every k-th batch only.
     :param block_tune_epochs: after each decoder layer's masks and re-fit, this many epochs of
         Adam on its kept weights against its output (0: off; block_tuning.py), the target
-        (1 - a) f(X; W0) + a f(D; W0) with a = dense_target.
+        (1 - a) f(X; W0) + a f(D; W0) with a = block_tune_target.
     :param block_tune_lr: Adam's learning rate of the block tuning.
+    :param block_tune_target: weight a of the dense model's output f(D; W0) in the block
+        tuning's target; D comes from the dense stream, so it needs dense_target above 0
+        (without it the target is the layer's own output f(X; W0)).
     :param seed: seed of the stochastic sums and quantile samples.
     :param reconstruct: "none" (weights only masked), "least_squares" (re-fit the kept weights to
         the layer's calibration outputs, reconstruction.py) or "admm" (from the saliency's mask, let
@@ -117,6 +120,7 @@ class UniPruningModifier(Modifier, MaskSettings):
     block_feedback_every: int = Field(default=1, ge=1)
     block_tune_epochs: int = Field(default=0, ge=0)
     block_tune_lr: float = Field(default=3e-4, gt=0)
+    block_tune_target: float = Field(default=0.6, ge=0, le=1)
     seed: int = 0
     reconstruct: Literal["none", "least_squares", "admm"] = "none"
     admm_iterations: int = Field(default=20, ge=1)
@@ -184,6 +188,11 @@ class UniPruningModifier(Modifier, MaskSettings):
             )
         if self.load_saliency and self.block_tune_epochs:
             raise ValueError(f"block_tune_epochs {self.block_tune_epochs} needs calibration; load_saliency prunes without it")
+        if self.block_tune_epochs and "block_tune_target" in self.model_fields_set and self.block_tune_target > 0 and not self.dense_target:
+            raise ValueError(
+                f"block_tune_target {self.block_tune_target} aims the block tuning at the dense model's outputs, "
+                "which the dense stream of dense_target provides: set dense_target above 0, or block_tune_target 0"
+            )
         if self.dense_target > 0 and self.reconstruct == "none":
             raise ValueError(f"dense_target {self.dense_target} needs reconstruct least_squares or admm; got reconstruct 'none'")
         for feature in ("dense_target", "block_feedback", "block_tune_epochs"):
@@ -252,7 +261,8 @@ class UniPruningModifier(Modifier, MaskSettings):
             )
         if self.block_tune_epochs > 0:
             kept = self._stream.takes if self._stream is not None else None  # batches with a dense output
-            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, self.dense_target, kept)
+            target = self.block_tune_target if self._stream is not None else 0.0
+            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, target, kept)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():

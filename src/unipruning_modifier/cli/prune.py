@@ -127,7 +127,7 @@ def with_saved_saliency(recipe, path: str, recipe_path: str):
     fields.pop("calibration_inputs", None)
     # a saliency file serves any sparsity: every layer calibrates on the dense model's activations,
     # so there is no drift to correct, no mask yet to take feedback from and no masked layer to tune
-    for field in ("dense_target", "block_feedback", "block_tune_epochs"):
+    for field in ("dense_target", "block_feedback", "block_tune_epochs", "block_tune_target"):
         fields.pop(field, None)
     try:
         recipe.modifiers[index] = UniPruningModifier.model_validate({**fields, "save_saliency": path})
