@@ -261,8 +261,7 @@ class UniPruningModifier(Modifier, MaskSettings):
             )
         if self.block_tune_epochs > 0:
             kept = self._stream.takes if self._stream is not None else None  # batches with a dense output
-            target = self.block_tune_target if self._stream is not None else 0.0
-            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, target, kept)
+            self._tuning = BlockTuning(self.block_tune_epochs, self.block_tune_lr, self.block_tune_target, kept)
         if self.save_saliency:
             folder = Path(self.save_saliency).expanduser().resolve().parent
             if not folder.is_dir():
