@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from compressed_tensors.offload.utils import send_tensors  # how compressed-tensors onloads a module's call
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 
@@ -31,17 +32,6 @@ from . import distributed
 from .dense_stream import hidden_states
 
 __all__ = ["BlockBatches", "BlockTuning", "tune_block"]
-
-
-def _on(value, device: torch.device):
-    """``value`` (a tensor, or a tuple / list / dict holding some) detached and moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_on(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _on(item, device) for key, item in value.items()}
-    return value
 
 
 class BlockBatches:
@@ -63,7 +53,7 @@ class BlockBatches:
         """The layer is about to run on its next batch (a forward pre-hook)."""
         batch, self._batches = self._batches, self._batches + 1
         if self._kept(batch):
-            self.calls[batch] = (_on(args, self._offload), _on(kwargs, self._offload))
+            self.calls[batch] = (send_tensors(args, self._offload), send_tensors(kwargs, self._offload))
 
     def add_output(self, output) -> None:
         """The layer's output on that batch, weights still dense (a forward hook)."""
@@ -135,7 +125,7 @@ def tune_block(
                 has_batch = step < len(batches)
                 if has_batch:
                     args, kwargs, target = batches[step]
-                    output = hidden_states(block(*_on(args, device), **_on(kwargs, device)))
+                    output = hidden_states(block(*send_tensors(args, device), **send_tensors(kwargs, device)))
                     loss = (output.float() - target.detach().to(device, torch.float32)).pow(2).mean()
                     loss.backward()
                     total += loss.item()
